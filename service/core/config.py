@@ -1,0 +1,110 @@
+"""The one Settings object. Every deployment knob is a TUNESERVE_* environment variable."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+CHATGLM3_HUB_ID = "THUDM/chatglm3-6b"
+DEMO_MODEL_NAME = "tuneserve-demo-chatglm3-tiny"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", env_file=".env", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Base model: hub id or local dir. Empty = auto (ChatGLM3-6B with a CUDA GPU, else the demo model).
+    base_model: str = ""
+    # Operator-only allow-list for executing a model repository's own code (never from a request).
+    trust_remote_code_models: list[str] = Field(default_factory=list)
+    load_in_4bit: bool = True
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+
+    data_dir: Path = Path(".tuneserve")
+    database_url: str = ""  # default: sqlite file under data_dir
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    registry_dir: Path | None = None  # default: data_dir/adapters
+
+    # "key:tenant,key2:tenant2"; hashed into the key store at startup.
+    api_keys: str = ""
+
+    # Upload limits, enforced while streaming.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_upload_rows: int = 2_000_000
+    max_line_bytes: int = 1024 * 1024
+    max_json_depth: int = 8
+
+    # Inference engine.
+    engine_enabled: bool = True
+    max_batch_size: int = 32
+    max_queue: int = 256
+    max_seq_len: int = 2048
+    request_timeout_s: float = 300.0
+    adapter_gpu_budget_bytes: int = 512 * 1024 * 1024
+    adapter_cpu_cache_size: int = 64
+    preload_adapters: list[str] = Field(default_factory=list)
+
+    # Workers.
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 120.0
+    task_queue: str = "training"
+
+    @field_validator("trust_remote_code_models", "preload_adapters", mode="before")
+    @classmethod
+    def _split_csv(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> "Settings":
+        local = self.host in ("127.0.0.1", "localhost", "::1")
+        if not local and not self.api_keys:
+            raise ValueError(
+                f"refusing to bind {self.host} without API keys: set TUNESERVE_API_KEYS=key:tenant,... "
+                "(or bind 127.0.0.1)"
+            )
+        return self
+
+    # Derived paths -----------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'tuneserve.db').absolute()}"
+
+    @property
+    def resolved_registry_dir(self) -> Path:
+        return (self.registry_dir or self.data_dir / "adapters").absolute()
+
+    @property
+    def files_dir(self) -> Path:
+        return (self.data_dir / "files").absolute()
+
+    @property
+    def jobs_dir(self) -> Path:
+        return (self.data_dir / "jobs").absolute()
+
+    @property
+    def models_dir(self) -> Path:
+        """Converted / generated model checkpoints (ChatGLM3 conversion cache, demo model)."""
+        return (self.data_dir / "models").absolute()
+
+    def parsed_api_keys(self) -> dict[str, str]:
+        """key -> tenant."""
+        out: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in self.api_keys.split(","))):
+            key, _, tenant = pair.partition(":")
+            if not key or not tenant:
+                raise ValueError("TUNESERVE_API_KEYS entries must look like key:tenant")
+            out[key] = tenant
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

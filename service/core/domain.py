@@ -1,0 +1,346 @@
+"""The single definition of tuneserve's domain types. API schemas and workers wrap these."""
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from service.core.errors import InvalidInput
+
+# Named sentinel for "no adapter, the base model" (never None).
+BASE_ADAPTER = "__base__"
+
+# Adapter / tenant / suffix names: lowercase, digits, '-', '_', '.', no leading dot, bounded.
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def check_name(value: str, *, param: str, pattern: re.Pattern[str] = NAME_PATTERN) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value) or ".." in value:
+        raise InvalidInput(f"{param} must match {pattern.pattern} (got {value!r})", param=param)
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Jobs
+# ---------------------------------------------------------------------------------------
+class JobStatus(str, enum.Enum):
+    validating_files = "validating_files"
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+# Legal transitions. running -> queued is a redelivery after a dead worker (resume from checkpoint).
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.validating_files: frozenset({JobStatus.queued, JobStatus.failed, JobStatus.cancelled}),
+    JobStatus.queued: frozenset({JobStatus.running, JobStatus.failed, JobStatus.cancelled}),
+    JobStatus.running: frozenset({JobStatus.queued, JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled}),
+    JobStatus.succeeded: frozenset(),
+    JobStatus.failed: frozenset(),
+    JobStatus.cancelled: frozenset(),
+}
+
+
+def can_transition(old: JobStatus, new: JobStatus) -> bool:
+    return new in TRANSITIONS[old]
+
+
+class JobErrorCode(str, enum.Enum):
+    out_of_memory = "out_of_memory"
+    invalid_data = "invalid_data"
+    model_not_found = "model_not_found"
+    invalid_plan = "invalid_plan"
+    worker_lost = "worker_lost"
+    internal = "internal"
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    label_tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Training spec (hyperparameters + LoRA/QLoRA + data mapping). Validated once, here.
+# ---------------------------------------------------------------------------------------
+TrainFormat = Literal["chat", "plain"]
+Scheduler = Literal["linear", "cosine", "constant"]
+Auto = Literal["auto"]
+
+# Base learning rate that OpenAI's learning_rate_multiplier scales (the lecture's QLoRA LR).
+BASE_LEARNING_RATE = 1e-4
+
+
+class DatasetSource(BaseModel):
+    """A dataset the `datasets` library loads: hub name, local dataset dir, or parquet/json files."""
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=1024)
+    name: str | None = Field(default=None, max_length=256)  # dataset config name
+    split: str = Field(default="train", pattern=r"^[A-Za-z0-9_\-\[\]:%.+]{1,64}$")
+    content_column: str = Field(default="content", max_length=128)
+    summary_column: str = Field(default="summary", max_length=128)
+    max_rows: int | None = Field(default=None, ge=1, le=10_000_000)
+
+
+class TrainingSpec(BaseModel):
+    """Everything a training run needs besides data and base model. Units are explicit."""
+    model_config = ConfigDict(extra="forbid")
+
+    # Length of training: epochs or an explicit step budget (max_steps wins when set).
+    n_epochs: float = Field(default=3.0, gt=0, le=100)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    batch_size: int = Field(default=16, ge=1, le=4096)  # effective batch (micro x accumulation)
+    micro_batch_size: int | None = Field(default=None, ge=1, le=1024)  # None = planner decides
+    gradient_accumulation_steps: int | None = Field(default=None, ge=1, le=4096)
+    learning_rate: float = Field(default=BASE_LEARNING_RATE, gt=0, le=1.0)
+    lr_scheduler: Scheduler = "linear"
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e4)
+
+    lora_r: int = Field(default=8, ge=1, le=512)
+    lora_alpha: float = Field(default=32.0, gt=0, le=4096)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | None = None  # None = family default
+
+    load_in_4bit: bool = True  # QLoRA: NF4 + double quant
+    gradient_checkpointing: bool | Auto = "auto"
+    packing: bool = True
+
+    max_source_length: int = Field(default=128, ge=1, le=32768)
+    max_target_length: int = Field(default=256, ge=1, le=32768)
+    train_format: TrainFormat = "chat"
+
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    logging_steps: int = Field(default=1, ge=1, le=100_000)
+    checkpoint_steps: int = Field(default=50, ge=1, le=1_000_000)
+    eval_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    eval_max_samples: int = Field(default=50, ge=0, le=100_000)
+    eval_max_new_tokens: int = Field(default=128, ge=1, le=4096)
+    n_gpus: int = Field(default=1, ge=1, le=64)
+
+    @field_validator("lora_target_modules")
+    @classmethod
+    def _targets(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value or len(value) > 64:
+            raise ValueError("must list 1..64 module names")
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", name):
+                raise ValueError(f"invalid module name {name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "TrainingSpec":
+        if self.micro_batch_size and self.micro_batch_size > self.batch_size:
+            raise ValueError("micro_batch_size cannot exceed batch_size")
+        if self.max_source_length + self.max_target_length > 65536:
+            raise ValueError("max_source_length + max_target_length must be <= 65536")
+        return self
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict[str, Any] | None,
+                             seed: int | None = None, param_prefix: str = "hyperparameters") -> "TrainingSpec":
+        """Accept OpenAI's keys (n_epochs, batch_size, learning_rate_multiplier; number or "auto")
+        beside ours. Raises InvalidInput listing every problem at once."""
+        raw = dict(hyperparameters or {})
+        if not isinstance(hyperparameters, (dict, type(None))):
+            raise InvalidInput("hyperparameters must be an object", param=param_prefix)
+        problems: list[dict[str, Any]] = []
+        for key in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+            if raw.get(key) == "auto":
+                raw.pop(key)
+        multiplier = raw.pop("learning_rate_multiplier", None)
+        if multiplier is not None:
+            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 < multiplier <= 1000:
+                problems.append({"param": f"{param_prefix}.learning_rate_multiplier",
+                                 "message": "must be a number in (0, 1000] or \"auto\""})
+            elif "learning_rate" in raw:
+                problems.append({"param": f"{param_prefix}.learning_rate_multiplier",
+                                 "message": "give learning_rate or learning_rate_multiplier, not both"})
+            else:
+                raw["learning_rate"] = BASE_LEARNING_RATE * float(multiplier)
+        if seed is not None:
+            raw["seed"] = seed
+        try:
+            spec = cls.model_validate(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                problems.append({"param": f"{param_prefix}.{loc}" if loc else param_prefix,
+                                 "message": err["msg"]})
+            spec = None
+        if problems:
+            raise InvalidInput("; ".join(f"{p['param']}: {p['message']}" for p in problems),
+                               param=problems[0]["param"], details=problems)
+        assert spec is not None
+        return spec
+
+
+# ---------------------------------------------------------------------------------------
+# Files (datasets uploaded for training)
+# ---------------------------------------------------------------------------------------
+class DatasetFormat(str, enum.Enum):
+    advertisegen = "advertisegen"  # {"content", "summary"}
+    chatglm3 = "chatglm3"          # {"conversations": [{"role", "content"}]}
+    openai = "openai"              # {"messages": [{"role", "content"}]}
+
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "observation"})
+
+
+# ---------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------
+class AdapterManifest(BaseModel):
+    """manifest.json beside adapter_config.json + adapter_model.safetensors."""
+    tenant: str
+    name: str
+    version: int
+    base_model: str
+    base_model_fingerprint: str | None = None  # e.g. hash of config.json, to refuse mismatches
+    model_family: str | None = None
+    target_modules: list[str]
+    r: int
+    lora_alpha: float
+    job_id: str | None = None
+    created_at: datetime
+    files: dict[str, str] = Field(default_factory=dict)  # filename -> sha256
+    training: dict[str, Any] = Field(default_factory=dict)  # spec, data, steps
+    metrics: dict[str, Any] = Field(default_factory=dict)   # BLEU/ROUGE, before/after table
+
+    @property
+    def model_id(self) -> str:
+        """The name clients pass as `model` (a job's fine_tuned_model)."""
+        return self.name
+
+
+def adapter_name_for_job(job_id: str, suffix: str | None) -> str:
+    """The fine_tuned_model name a job publishes: `ft-<suffix>-<job id tail>`."""
+    tail = job_id.split("-", 1)[-1][:12].lower()
+    return f"ft-{suffix}-{tail}" if suffix else f"ft-{tail}"
+
+
+# ---------------------------------------------------------------------------------------
+# Records the store returns (detached from the ORM). API schemas wrap these.
+# ---------------------------------------------------------------------------------------
+class FileInfo(BaseModel):
+    id: str  # "file-…"
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    rows: int
+    format: DatasetFormat
+    sha256: str
+    path: str  # server-side location; never exposed by the API
+    created_at: datetime
+
+
+class Job(BaseModel):
+    id: str  # "ftjob-…"
+    tenant: str
+    model: str
+    status: JobStatus
+    spec: TrainingSpec
+    training_file: str | None = None
+    validation_file: str | None = None
+    training_dataset: DatasetSource | None = None
+    validation_dataset: DatasetSource | None = None
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    fine_tuned_model: str | None = None
+    trained_tokens: int | None = None
+    error: JobError | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    cancel_requested: bool = False
+    worker_id: str | None = None
+    attempts: int = 0
+    heartbeat_at: datetime | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result: dict[str, Any] = Field(default_factory=dict)  # eval metrics, memory plan, before/after
+
+
+class JobEvent(BaseModel):
+    id: str  # "ftevent-…"
+    job_id: str
+    created_at: datetime
+    level: Literal["info", "warn", "error"] = "info"
+    type: Literal["message", "metrics"] = "message"
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class ApiKeyInfo(BaseModel):
+    id: str
+    tenant: str
+    name: str | None = None
+    prefix: str  # first characters of the key, for display
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Generation (what the engine is asked and answers)
+# ---------------------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "observation"]
+    content: str = Field(max_length=1_000_000)
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.8, ge=0, le=2)  # 0 = greedy
+    top_p: float = Field(default=0.8, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0, le=100_000)  # 0 = off
+    repetition_penalty: float = Field(default=1.0, gt=0, le=10)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class GenerationRequest(BaseModel):
+    tenant: str
+    adapter: str = BASE_ADAPTER  # adapter name in the tenant's registry, or BASE_ADAPTER
+    messages: list[ChatMessage]
+    params: SamplingParams = Field(default_factory=SamplingParams)
+    request_id: str | None = None
+    timeout_s: float | None = None
+
+
+class GenerationResult(BaseModel):
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "timeout"]
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str
+    adapter_version: int | None = None
