@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = 10.0
     heartbeat_timeout_s: float = 120.0
     task_queue: str = "training"
+    # A worker killed mid-job: its unacked Redis message returns after visibility_timeout, and
+    # independently the reaper requeues a running job whose heartbeat is older than
+    # heartbeat_timeout_s. Either path resumes from the last checkpoint (see workers/celery_app.py).
+    broker_visibility_timeout_s: float = 3600.0
+    job_max_attempts: int = 3  # runs of one job (first + redeliveries) before failing worker_lost
+    reaper_interval_s: float = 15.0
+    requeue_grace_s: float = 60.0  # a queued job missing from the broker this long is re-sent
 
     @field_validator("trust_remote_code_models", "preload_adapters", mode="before")
     @classmethod
