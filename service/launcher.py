@@ -1,0 +1,256 @@
+"""`tuneserve up` (what `make run` starts): the embedded single-machine deployment.
+
+1. Pick the base model (TUNESERVE_BASE_MODEL; else ChatGLM3-6B with a CUDA GPU; else a tiny
+   demo model built locally) and say loudly which.
+2. Redis: use the one at TUNESERVE_REDIS_URL if it answers; else start `redis-server` as a
+   child; else say what to install and stop.
+3. First run: an API key for tenant "default", saved to $TUNESERVE_DATA_DIR/api_key (0600).
+4. Start one training worker and the API as child processes; if either dies, stop the
+   other; Ctrl-C / SIGTERM stop all children cleanly.
+
+Children get the decisions through the environment (TUNESERVE_BASE_MODEL, ...), so the API
+and the worker read the same Settings as any other deployment.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from rich.console import Console
+from rich.panel import Panel
+
+from service.cli_client import API_KEY_FILE
+from service.core.config import CHATGLM3_HUB_ID, Settings
+
+DEMO_BANNER = ("SMOKE-TEST DEMO MODEL: tiny random weights, answers are gibberish; "
+               "set TUNESERVE_BASE_MODEL for a real model")
+DEFAULT_TENANT = "default"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+
+
+class LaunchError(Exception):
+    """Something `up` cannot work around; the message says what to do."""
+
+
+@dataclass
+class BaseModelChoice:
+    model: str
+    reason: str
+    demo: bool = False
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def choose_base_model(settings: Settings, *, has_cuda: bool | None = None) -> BaseModelChoice:
+    """DESIGN.md's rule. Builds the demo model (once) when it is the choice."""
+    if settings.base_model:
+        return BaseModelChoice(settings.base_model, "TUNESERVE_BASE_MODEL")
+    if has_cuda if has_cuda is not None else cuda_available():
+        return BaseModelChoice(CHATGLM3_HUB_ID, "a CUDA GPU is present")
+    demo_dir = settings.models_dir / "demo"
+    if not (demo_dir / "config.json").exists():
+        from service.models import build_demo_model
+        demo_dir = Path(build_demo_model(demo_dir))
+    return BaseModelChoice(str(demo_dir.absolute()), "no CUDA GPU and no TUNESERVE_BASE_MODEL", demo=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Redis
+# ---------------------------------------------------------------------------------------
+def redis_ping(url: str, timeout: float = 1.0) -> bool:
+    import redis
+    client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
+def redis_install_hint() -> str:
+    return ("no Redis answers and `redis-server` is not installed. Install it: "
+            "`sudo apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS), "
+            "or point TUNESERVE_REDIS_URL at a running Redis.")
+
+
+def start_redis(url: str, log_path: Path) -> subprocess.Popen:
+    """A private, non-persistent redis-server on the URL's port (the broker only holds task
+    ids; the store is the truth), as our child so Ctrl-C stops it too."""
+    parsed = urlparse(url)
+    host = parsed.hostname or "127.0.0.1"
+    if host not in LOCAL_HOSTS:
+        raise LaunchError(f"Redis at {url} does not answer and is not on this machine; start it or fix "
+                          "TUNESERVE_REDIS_URL")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise LaunchError(redis_install_hint())
+    port = str(parsed.port or 6379)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    proc = subprocess.Popen([binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # Ctrl-C must not stop it before the worker
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if redis_ping(url, timeout=0.5):
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.terminate()
+    raise LaunchError(f"started redis-server on port {port} but it did not answer; see {log_path}")
+
+
+# ---------------------------------------------------------------------------------------
+# API key
+# ---------------------------------------------------------------------------------------
+def ensure_default_key(settings: Settings) -> tuple[str, bool]:
+    """The key saved in data_dir/api_key if the store still accepts it, else a new one for
+    tenant "default" (saved 0600). Returns (key, created)."""
+    from service.core.store import Store
+    path = settings.data_dir / API_KEY_FILE
+    store = Store(settings.resolved_database_url)
+    try:
+        if path.exists():
+            key = path.read_text(encoding="utf-8").strip()
+            if key and store.tenant_for_key(key):
+                return key, False
+        key, _ = store.create_api_key(DEFAULT_TENANT, name="make run")
+    finally:
+        store.close()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Create with 0600 from the start: the key is never world-readable, not even briefly.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    os.chmod(path, 0o600)
+    return key, True
+
+
+# ---------------------------------------------------------------------------------------
+# Supervisor
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+
+
+@dataclass
+class Launcher:
+    console: Console = field(default_factory=Console)
+    with_worker: bool = True
+    children: list[Child] = field(default_factory=list)
+    _stopping: bool = False
+
+    def run(self) -> int:
+        from pydantic import ValidationError
+        try:
+            settings = Settings()
+        except ValidationError as exc:
+            raise LaunchError("invalid TUNESERVE_* settings: "
+                              + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        logs = settings.data_dir / "logs"
+
+        choice = choose_base_model(settings)
+        os.environ["TUNESERVE_BASE_MODEL"] = choice.model  # children read the same decision
+        self._announce_model(choice)
+
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            if redis_ping(settings.redis_url):
+                self.console.print(f"redis: using {settings.redis_url}")
+            else:
+                self.console.print(f"redis: nothing answers at {settings.redis_url}; starting redis-server")
+                self.children.append(Child("redis", start_redis(settings.redis_url, logs / "redis.log")))
+
+            key, created = ensure_default_key(settings)
+            self._announce_key(settings, key, created)
+
+            env = dict(os.environ)
+            if self.with_worker:
+                from service.cli import worker_argv
+                self._spawn("worker", worker_argv(settings.task_queue, 1), env)
+            self._spawn("api", [sys.executable, "-m", "service.cli", "api"], env)
+            base = f"http://{settings.host}:{settings.port}"
+            self.console.print(Panel(
+                f"API + dashboard: [bold]{base}/[/]\nOpenAI base_url: {base}/v1\n"
+                f"data: {settings.data_dir.absolute()}   logs: worker/api below, redis in {logs}\n"
+                "Ctrl-C stops everything.", title="tuneserve up", expand=False))
+            return self._supervise()
+        finally:
+            self.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # -- output ----------------------------------------------------------------------------
+    def _announce_model(self, choice: BaseModelChoice) -> None:
+        if choice.demo:
+            self.console.print(Panel(f"[bold]{DEMO_BANNER}[/]\nmodel: {choice.model}\n"
+                                     f"(chosen because: {choice.reason})",
+                                     title="[bold red]!! SMOKE-TEST DEMO MODEL !![/]", border_style="red",
+                                     expand=False))
+        else:
+            self.console.print(Panel(f"base model: [bold]{choice.model}[/]\n(chosen because: {choice.reason})",
+                                     title="tuneserve base model", border_style="green", expand=False))
+
+    def _announce_key(self, settings: Settings, key: str, created: bool) -> None:
+        where = settings.data_dir / API_KEY_FILE
+        what = "created API key" if created else "API key"
+        self.console.print(Panel(f"{what} for tenant [bold]{DEFAULT_TENANT}[/]:\n[bold]{key}[/]\n"
+                                 f"saved in {where} (the CLI uses it by default)\n"
+                                 f"curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/models",
+                                 title="API key", expand=False))
+
+    # -- processes -------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        # Own process group: a terminal Ctrl-C reaches only us, and we stop children in order.
+        proc = subprocess.Popen(argv, env=env, start_new_session=True)
+        self.children.append(Child(name, proc))
+
+    def _on_signal(self, signum, _frame) -> None:
+        if not self._stopping:
+            self.console.print(f"\n{signal.Signals(signum).name}: stopping tuneserve …")
+        self._stopping = True
+
+    def _supervise(self) -> int:
+        while not self._stopping:
+            for child in self.children:
+                code = child.proc.poll()
+                if code is not None:
+                    self.console.print(f"[red]{child.name} exited with code {code}; stopping the rest[/]")
+                    return code or 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM API, worker, then Redis (reverse start order); SIGKILL what is still up after
+        `timeout`. Celery's warm shutdown waits for the running task; killing it is safe since
+        the task is acks_late (redelivered) and the job resumes from its last checkpoint."""
+        for child in reversed(self.children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+                try:
+                    child.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self.console.print(f"{child.name} did not stop in {timeout:.0f}s; killing it")
+                    child.proc.kill()
+                    child.proc.wait()
+        self.children.clear()
