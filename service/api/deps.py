@@ -1,0 +1,105 @@
+"""Request dependencies: the app's state objects and the caller's tenant.
+
+Route signatures use the Annotated aliases (`TenantDep`, `StoreDep`, ...) so every route
+that touches tenant data is authenticated by construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.core.config import Settings
+from service.core.errors import ServiceUnavailable, Unauthorized
+
+from service.api.queue import JobQueue
+from service.core.registry import AdapterRegistry
+from service.core.store import Store
+
+if TYPE_CHECKING:  # types only: the engine module pulls in torch, the API's job routes must not
+    from service.api.metrics import ApiMetrics
+    from service.inference.engine import InferenceEngine
+
+
+@dataclass
+class AppState:
+    """Everything the lifespan owns. One instance per app (no module-level state)."""
+    settings: Settings
+    store: Store
+    registry: AdapterRegistry
+    queue: JobQueue
+    metrics: "ApiMetrics"
+    base_model_name: str
+    base_model_aliases: frozenset[str] = frozenset()
+    engine: "InferenceEngine | None" = None
+    engine_error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def is_base_model(self, name: str | None) -> bool:
+        return bool(name) and (name == self.base_model_name or name in self.base_model_aliases)
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "tuneserve", None)
+    if state is None:  # only when the app runs without its lifespan
+        raise ServiceUnavailable("service is starting", code="starting")
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_store(state: StateDep) -> Store:
+    return state.store
+
+
+def get_registry(state: StateDep) -> AdapterRegistry:
+    return state.registry
+
+
+def get_queue(state: StateDep) -> JobQueue:
+    return state.queue
+
+
+def get_engine(state: StateDep) -> "InferenceEngine":
+    if state.engine is None:
+        why = f": {state.engine_error}" if state.engine_error else " (engine disabled by settings)"
+        raise ServiceUnavailable(f"chat is unavailable{why}", code="engine_unavailable")
+    return state.engine
+
+
+_bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
+
+
+def get_tenant(state: StateDep,
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+    # Sync on purpose: FastAPI runs it in the threadpool, so the (sync) store lookup never
+    # blocks the event loop.
+    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    key = credentials.credentials
+    if len(key) > 512:
+        raise Unauthorized("invalid API key")
+    try:
+        tenant = state.store.tenant_for_key(key)
+    except Unauthorized:
+        raise
+    except LookupError:  # pragma: no cover - defensive: store answers None for unknown keys
+        tenant = None
+    if not tenant:
+        raise Unauthorized("invalid API key")
+    return tenant
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+StoreDep = Annotated[Store, Depends(get_store)]
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]
+# Typed Any so that importing deps never imports the engine (torch).
+EngineDep = Annotated[Any, Depends(get_engine)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,106 @@
+"""/v1/adapters: the tenant's registry (manifests with metrics), delete, export."""
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+from anyio import to_thread
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
+
+from service.api.deps import RegistryDep, StateDep, TenantDep
+from service.api.routes.models import _evict
+from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic
+from service.core.errors import InvalidInput, NotFound
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+
+
+def _not_found(name: str, version: int | None = None) -> NotFound:
+    what = f"adapter {name!r}" + (f" version {version}" if version is not None else "")
+    return NotFound(f"{what} not found", param="name", code="adapter_not_found")
+
+
+def _resolve(registry, tenant: str, name: str, version: int | None):
+    try:
+        return registry.resolve(tenant, name, version)
+    except (NotFound, InvalidInput):
+        raise _not_found(name, version) from None
+
+
+@router.get("", response_model=AdapterList)
+def list_adapters(tenant: TenantDep, registry: RegistryDep) -> AdapterList:
+    return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list(tenant)])
+
+
+@router.get("/{name}", response_model=AdapterPublic)
+def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
+                version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterPublic:
+    return AdapterPublic.from_domain(_resolve(registry, tenant, name, version)[1])
+
+
+@router.get("/{name}/versions", response_model=AdapterList)
+def list_adapter_versions(name: str, tenant: TenantDep, registry: RegistryDep) -> AdapterList:
+    _resolve(registry, tenant, name, None)
+    return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list_versions(tenant, name)])
+
+
+@router.delete("/{name}", response_model=AdapterDeleted)
+def delete_adapter(name: str, tenant: TenantDep, registry: RegistryDep, state: StateDep,
+                   version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterDeleted:
+    versions = [m.version for m in registry.list_versions(tenant, name)] if version is None else [version]
+    try:
+        registry.delete(tenant, name, version)
+    except (NotFound, InvalidInput):
+        raise _not_found(name, version) from None
+    _evict(state, tenant, name)
+    return AdapterDeleted(id=name, versions=versions)
+
+
+def _build_export(adapter_dir: Path, fmt: str, archive: str, stem: str) -> Path:
+    work = Path(tempfile.mkdtemp(prefix="tuneserve-export-"))
+    try:
+        content = work / stem
+        if fmt == "chatglm3":
+            from service.models.export import export_adapter_chatglm3  # lazy: may import torch
+            export_adapter_chatglm3(adapter_dir, content)
+        else:  # the registry's own PEFT pair + manifest
+            content.mkdir()
+            for f in adapter_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, content / f.name)
+        if archive == "zip":
+            out = work / f"{stem}.zip"
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+                for f in sorted(content.rglob("*")):
+                    if f.is_file():
+                        zf.write(f, f"{stem}/{f.relative_to(content)}")
+        else:
+            out = work / f"{stem}.tar.gz"
+            with tarfile.open(out, "w:gz") as tf:
+                tf.add(content, arcname=stem)
+        shutil.rmtree(content, ignore_errors=True)
+        return out
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+@router.get("/{name}/export", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}, "application/gzip": {}}}})
+async def export_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
+                         format: Literal["chatglm3", "peft"] = Query(default="chatglm3"),
+                         archive: Literal["zip", "tar"] = Query(default="zip"),
+                         version: int | None = Query(default=None, ge=1, le=999_999_999)) -> FileResponse:
+    path, manifest = await to_thread.run_sync(_resolve, registry, tenant, name, version)
+    await to_thread.run_sync(registry.verify, path, manifest)
+    stem = f"{manifest.name}-v{manifest.version}-{format}"
+    out = await to_thread.run_sync(_build_export, path, format, archive, stem)
+    return FileResponse(out, filename=out.name,
+                        media_type="application/zip" if archive == "zip" else "application/gzip",
+                        background=BackgroundTask(shutil.rmtree, out.parent, ignore_errors=True))

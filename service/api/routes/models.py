@@ -1,0 +1,58 @@
+"""/v1/models: the base model plus this tenant's adapters (OpenAI's model list)."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import RegistryDep, StateDep, TenantDep
+from service.api.schemas import ModelDeleted, ModelList, ModelPublic, unix
+from service.api.serving_chat import resolve_model
+from service.core.domain import BASE_ADAPTER, AdapterManifest
+from service.core.errors import InvalidInput, NotFound
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _base(state) -> ModelPublic:
+    return ModelPublic(id=state.base_model_name, created=state.extra.get("started_at", 0), owned_by="tuneserve",
+                       kind="base")
+
+
+def _adapter(m: AdapterManifest) -> ModelPublic:
+    return ModelPublic(id=m.model_id, created=unix(m.created_at) or 0, owned_by="user", kind="adapter",
+                       base_model=m.base_model, version=m.version)
+
+
+@router.get("", response_model=ModelList)
+def list_models(tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelList:
+    return ModelList(data=[_base(state)] + [_adapter(m) for m in registry.list(tenant)])
+
+
+@router.get("/{model:path}", response_model=ModelPublic)
+async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelPublic:
+    # `:path` because hub ids ("THUDM/chatglm3-6b") contain a slash.
+    if await resolve_model(state, tenant, model) == BASE_ADAPTER:
+        return _base(state)
+    return _adapter(registry.resolve(tenant, model)[1])
+
+
+@router.delete("/{model:path}", response_model=ModelDeleted)
+def delete_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelDeleted:
+    if state.is_base_model(model):
+        raise InvalidInput("the base model cannot be deleted", param="model")
+    try:
+        registry.delete(tenant, model)
+    except (NotFound, InvalidInput):
+        raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found") from None
+    _evict(state, tenant, model)
+    return ModelDeleted(id=model)
+
+
+def _evict(state, tenant: str, name: str) -> None:
+    """Tell the engine a deleted adapter is gone (if it offers that); it also re-checks the
+    registry on use, so this only frees memory early."""
+    evict = getattr(state.engine, "evict_adapter", None) if state.engine is not None else None
+    if callable(evict):
+        try:
+            evict(tenant, name)
+        except Exception:  # pragma: no cover
+            pass

@@ -1,0 +1,366 @@
+"""Wire models. They WRAP the domain types (service.core.domain); nothing is defined twice.
+
+Families: *Create (what a client sends), *Public (what a client sees, built from a domain
+record by `from_domain`, so internal fields such as tenant, server paths or worker ids can
+never leak by accident)."""
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.core.domain import (
+    BASE_LEARNING_RATE,
+    AdapterManifest,
+    DatasetFormat,
+    DatasetSource,
+    FileInfo,
+    Job,
+    JobError,
+    JobEvent,
+    JobProgress,
+    TrainingSpec,
+)
+
+# The organisation every object reports (tenants are internal and never echoed back).
+ORGANIZATION_ID = "org-tuneserve"
+
+
+def unix(ts: datetime | None) -> int | None:
+    if ts is None:
+        return None
+    if ts.tzinfo is None:  # the store keeps UTC; SQLite may hand it back naive
+        ts = ts.replace(tzinfo=timezone.utc)
+    return int(ts.timestamp())
+
+
+def _num(value: float) -> int | float:
+    # OpenAI reports n_epochs / batch_size as ints; keep fractions when they are real.
+    return int(value) if float(value).is_integer() else float(value)
+
+
+class ListResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Any]
+    has_more: bool = False
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------
+class FilePublic(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"] = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+    # ours
+    rows: int
+    format: DatasetFormat
+    sha256: str
+
+    @classmethod
+    def from_domain(cls, f: FileInfo) -> "FilePublic":
+        return cls(id=f.id, bytes=f.bytes, created_at=unix(f.created_at), filename=f.filename,
+                   purpose=f.purpose, rows=f.rows, format=f.format, sha256=f.sha256)
+
+
+class FileList(ListResponse):
+    data: list[FilePublic]
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning jobs
+# ---------------------------------------------------------------------------------------
+class SupervisedMethodIn(BaseModel):
+    hyperparameters: dict[str, Any] | None = None
+
+
+class MethodIn(BaseModel):
+    """OpenAI's `method`; only supervised fine-tuning exists here."""
+    type: str
+    supervised: SupervisedMethodIn | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class JobCreate(BaseModel):
+    """POST /v1/fine_tuning/jobs. Shapes are checked here; meaning (files exist, model is
+    ours, hyperparameters in range, ...) is checked together in routes/jobs.py so that one
+    answer lists every problem."""
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=512)
+    training_file: str | None = Field(default=None, max_length=128)
+    validation_file: str | None = Field(default=None, max_length=128)
+    # ours: a dataset the `datasets` library loads instead of an uploaded file
+    training_dataset: DatasetSource | None = None
+    validation_dataset: DatasetSource | None = None
+    # OpenAI keys (n_epochs, batch_size, learning_rate_multiplier: number or "auto") and ours
+    # (max_steps, learning_rate, lora_r, ... see TrainingSpec) side by side.
+    hyperparameters: dict[str, Any] | None = None
+    method: MethodIn | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+class OpenAIHyperparameters(BaseModel):
+    n_epochs: int | float | Literal["auto"] | None = None
+    batch_size: int | Literal["auto"] | None = None
+    learning_rate_multiplier: float | Literal["auto"] | None = None
+
+
+class JobErrorPublic(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+    @classmethod
+    def from_domain(cls, e: JobError) -> "JobErrorPublic":
+        return cls(code=e.code, message=e.message, param=e.param)
+
+
+class JobPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    status: str
+    model: str
+    fine_tuned_model: str | None = None
+    created_at: int
+    finished_at: int | None = None
+    hyperparameters: OpenAIHyperparameters
+    method: dict[str, Any]
+    trained_tokens: int | None = None
+    error: JobErrorPublic | None = None
+    training_file: str | None = None
+    validation_file: str | None = None
+    seed: int
+    suffix: str | None = None
+    metadata: dict[str, str] | None = None
+    organization_id: str = ORGANIZATION_ID
+    result_files: list[str] = Field(default_factory=list)
+    integrations: list[Any] | None = None
+    estimated_finish: int | None = None
+    # ours
+    started_at: int | None = None
+    cancel_requested: bool = False
+    training_dataset: DatasetSource | None = None
+    validation_dataset: DatasetSource | None = None
+    progress: JobProgress
+    spec: TrainingSpec
+    result: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_domain(cls, job: Job) -> "JobPublic":
+        spec = job.spec
+        hp = OpenAIHyperparameters(
+            n_epochs=_num(spec.n_epochs),
+            batch_size=spec.batch_size,
+            learning_rate_multiplier=spec.learning_rate / BASE_LEARNING_RATE,
+        )
+        estimated = None
+        if not job.status.is_final and job.progress.eta_seconds is not None \
+                and math.isfinite(job.progress.eta_seconds):
+            estimated = int(datetime.now(timezone.utc).timestamp() + job.progress.eta_seconds)
+        return cls(
+            id=job.id, status=job.status.value, model=job.model, fine_tuned_model=job.fine_tuned_model,
+            created_at=unix(job.created_at), finished_at=unix(job.finished_at),
+            hyperparameters=hp,
+            method={"type": "supervised", "supervised": {"hyperparameters": hp.model_dump()}},
+            trained_tokens=job.trained_tokens,
+            error=JobErrorPublic.from_domain(job.error) if job.error else None,
+            training_file=job.training_file, validation_file=job.validation_file,
+            seed=spec.seed, suffix=job.suffix, metadata=job.metadata,
+            estimated_finish=estimated, started_at=unix(job.started_at),
+            cancel_requested=job.cancel_requested,
+            training_dataset=job.training_dataset, validation_dataset=job.validation_dataset,
+            progress=job.progress, spec=spec, result=job.result,
+        )
+
+
+class JobList(ListResponse):
+    data: list[JobPublic]
+
+
+class JobEventPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+    @classmethod
+    def from_domain(cls, e: JobEvent) -> "JobEventPublic":
+        return cls(id=e.id, created_at=unix(e.created_at), level=e.level, message=e.message,
+                   type=e.type, data=e.data)
+
+
+class JobEventList(ListResponse):
+    data: list[JobEventPublic]
+
+
+class CheckpointMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    step: float | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+
+
+class CheckpointPublic(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: CheckpointMetrics
+
+
+class CheckpointList(ListResponse):
+    data: list[CheckpointPublic]
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Models and adapters
+# ---------------------------------------------------------------------------------------
+class ModelPublic(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # ours
+    kind: Literal["base", "adapter"]
+    base_model: str | None = None
+    version: int | None = None
+
+
+class ModelList(ListResponse):
+    data: list[ModelPublic]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+class AdapterPublic(BaseModel):
+    """A registry manifest minus the tenant."""
+    id: str
+    object: Literal["adapter"] = "adapter"
+    name: str
+    version: int
+    base_model: str
+    model_family: str | None = None
+    target_modules: list[str]
+    r: int
+    lora_alpha: float
+    job_id: str | None = None
+    created_at: int
+    files: dict[str, str] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
+        return cls(id=m.model_id, name=m.name, version=m.version, base_model=m.base_model,
+                   model_family=m.model_family, target_modules=m.target_modules, r=m.r,
+                   lora_alpha=m.lora_alpha, job_id=m.job_id, created_at=unix(m.created_at),
+                   files=m.files, training=m.training, metrics=m.metrics)
+
+
+class AdapterList(ListResponse):
+    data: list[AdapterPublic]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+    versions: list[int] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class ChatMessageIn(BaseModel):
+    # OpenAI roles; developer -> system and tool -> observation (ChatGLM3's tool-result role).
+    role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
+    content: str | list[ContentPart] | None = Field(default=None)
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionCreate(BaseModel):
+    model: str = Field(max_length=512)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=4096)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0, le=100_000)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int | None = Field(default=None, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    # Accepted for SDK compatibility and not otherwise used.
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logprobs: bool | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class SimpleChatCreate(BaseModel):
+    """POST /chat: the lecture's ChatGLM3 `model.chat` call over HTTP."""
+    adapter: str | None = Field(default=None, max_length=512)  # null / "" = the base model
+    query: str = Field(max_length=1_000_000)
+    # [{"role", "content"}, ...] or ChatGLM-style [[query, answer], ...]
+    history: list[ChatMessageIn] | list[tuple[str, str]] | None = None
+    max_new_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_p: float = Field(default=0.8, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+class SimpleChatResponse(BaseModel):
+    response: str
+    history: list[dict[str, str]] | list[list[str]]
+    usage: Usage
+    model: str
+    finish_reason: str
