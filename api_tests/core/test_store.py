@@ -384,3 +384,19 @@ def test_in_memory_sqlite_works():
         assert st.get_job(job.id).id == job.id
     finally:
         st.close()
+
+
+def test_non_finite_floats_become_null(store: Store):
+    """A diverged run logs NaN/inf; PostgreSQL's json type would refuse them."""
+    job = _job(store)
+    ev = store.add_event(job.id, "diverged", type="metrics", data={"loss": float("nan"), "grad": [float("inf"), 1.0]})
+    store.update_progress(job.id, JobProgress(step=1, loss=float("inf")))
+    store.merge_result(job.id, {"eval_loss": float("-inf")})
+    assert store.all_events(job.id)[0].data == {"loss": None, "grad": [None, 1.0]}
+    assert ev.id == store.all_events(job.id)[0].id
+    got = store.get_job(job.id)
+    assert got.progress.loss is None and got.result == {"eval_loss": None}
+
+
+def test_ping(store: Store):
+    assert store.ping()

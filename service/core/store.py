@@ -8,6 +8,8 @@ or hold sessions.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import secrets
 import time
 from collections.abc import Iterable, Iterator
@@ -183,6 +185,21 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN/Infinity -> null: PostgreSQL's json type refuses them, and a diverged run logs a NaN loss."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(_json_safe(value), ensure_ascii=False, allow_nan=False)
+
+
 def normalize_url(url: str) -> str:
     """`postgresql://` / `postgres://` mean psycopg 3 here (psycopg2 is not a dependency)."""
     for prefix in ("postgres://", "postgresql://"):
@@ -203,7 +220,7 @@ class Store:
         if self.dialect == "sqlite":
             self._engine, self._read_engine = self._sqlite_engines(parsed, echo)
         else:
-            self._engine = sa.create_engine(self.url, echo=echo, pool_pre_ping=True)
+            self._engine = sa.create_engine(self.url, echo=echo, pool_pre_ping=True, json_serializer=_json_dumps)
             self._read_engine = self._engine
         self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._read_engine, expire_on_commit=False)
@@ -224,7 +241,8 @@ class Store:
             Path(database).expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
 
         def make(begin_sql: str) -> Engine:
-            kwargs: dict[str, Any] = {"echo": echo, "connect_args": {"check_same_thread": False, "timeout": 30}}
+            kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps,
+                                      "connect_args": {"check_same_thread": False, "timeout": 30}}
             if memory:
                 kwargs["poolclass"] = StaticPool
             engine = sa.create_engine(parsed, **kwargs)
@@ -249,6 +267,15 @@ class Store:
         write = make("BEGIN IMMEDIATE")
         # An in-memory database exists once per connection: one engine must serve both.
         return (write, write) if memory else (write, make("BEGIN"))
+
+    def ping(self) -> bool:
+        """True when the database answers (for /readyz)."""
+        try:
+            with self._read_engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            return True
+        except Exception:
+            return False
 
     def close(self) -> None:
         self._engine.dispose()

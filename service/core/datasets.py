@@ -1,0 +1,374 @@
+"""Training data: streaming validation of uploaded JSONL, normalization to conversations, and
+loading of `datasets`-library sources (hub names, saved dataset dirs, parquet/json files).
+
+Pure: the `datasets` library is imported lazily, only by `load_dataset_source` (workers).
+
+Accepted JSONL rows (one format per file, detected from the first row):
+    advertisegen  {"content": "...", "summary": "..."}
+    chatglm3      {"conversations": [{"role": "user", "content": "..."}, ...]}
+    openai        {"messages": [{"role": "user", "content": "..."}, ...]}
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from service.core.domain import CHAT_ROLES, DatasetFormat, DatasetSource
+from service.core.errors import InvalidInput, PayloadTooLarge
+
+# Roles per chat format, in a fixed display order for error messages.
+ROLES: dict[DatasetFormat, tuple[str, ...]] = {
+    DatasetFormat.chatglm3: tuple(r for r in ("system", "user", "assistant", "observation") if r in CHAT_ROLES),
+    DatasetFormat.openai: ("system", "user", "assistant"),
+}
+LIST_KEY: dict[DatasetFormat, str] = {DatasetFormat.chatglm3: "conversations", DatasetFormat.openai: "messages"}
+
+_FORMAT_HINT = ('expected {"content", "summary"} (AdvertiseGen), {"conversations": [...]} (ChatGLM3) '
+                'or {"messages": [...]} (OpenAI chat)')
+
+# A JSON string (escapes included), unrolled so it runs in linear time.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_exceeds(line: bytes, max_depth: int) -> bool:
+    """True when the nesting of [] / {} outside strings exceeds max_depth. Done before
+    json.loads, whose recursion a deeply nested line could exhaust. Each pass deletes every
+    innermost pair (C-speed replace), so the number of passes is the depth; it stops after
+    max_depth + 1. Unbalanced input stops early and is left to json.loads to report."""
+    brackets = _JSON_STRING.sub(b"", line).translate(None, _NOT_BRACKETS)
+    depth = 0
+    while brackets:
+        reduced = _INNERMOST.sub(b"", brackets)  # one scan: only pairs innermost before it
+        if reduced == brackets:
+            break
+        brackets = reduced
+        depth += 1
+        if depth > max_depth:
+            return True
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def detect_format(row: dict) -> DatasetFormat | None:
+    if "conversations" in row:
+        return DatasetFormat.chatglm3
+    if "messages" in row:
+        return DatasetFormat.openai
+    if "content" in row or "summary" in row:
+        return DatasetFormat.advertisegen
+    return None
+
+
+def _non_empty_str(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def row_problem(row: Any, fmt: DatasetFormat) -> tuple[str, str] | None:
+    """(field, message) describing the first problem of `row` as `fmt`, or None when valid."""
+    if not isinstance(row, dict):
+        return "", "must be a JSON object"
+    if fmt is DatasetFormat.advertisegen:
+        for key in ("content", "summary"):
+            if key not in row:
+                return key, f"{key} is missing"
+            if not _non_empty_str(row[key]):
+                return key, f"{key} must be a non-empty string"
+        return None
+    key = LIST_KEY[fmt]
+    turns = row.get(key)
+    if key not in row:
+        return key, f"{key} is missing"
+    if not isinstance(turns, list) or not turns:
+        return key, f"{key} must be a non-empty list"
+    roles = ROLES[fmt]
+    for i, turn in enumerate(turns):
+        where = f"{key}[{i}]"
+        if not isinstance(turn, dict):
+            return where, f"{where} must be an object with role and content"
+        role = turn.get("role")
+        if role not in roles:
+            return f"{where}.role", f"{where}.role must be one of {','.join(roles)}"
+        content = turn.get("content")
+        if not isinstance(content, str):
+            return f"{where}.content", f"{where}.content must be a string"
+        if role == "assistant" and not content.strip():
+            return f"{where}.content", f"{where}.content must not be empty for an assistant turn"
+    if not any(t["role"] == "assistant" for t in turns):
+        return key, f"{key} needs at least one assistant turn"
+    if turns[-1]["role"] != "assistant":
+        return f"{key}[{len(turns) - 1}].role", f"{key}: the last turn must be from the assistant"
+    return None
+
+
+class DatasetValidator:
+    """Validates an uploaded JSONL file chunk by chunk, keeping at most one line in memory."""
+
+    def __init__(self, *, max_bytes: int, max_rows: int, max_line_bytes: int, max_depth: int):
+        self.max_bytes = max_bytes
+        self.max_rows = max_rows
+        self.max_line_bytes = max_line_bytes
+        self.max_depth = max_depth
+        self.bytes = 0
+        self.rows = 0
+        self.format: DatasetFormat | None = None
+        self._format_line = 0
+        self._line_no = 0  # number of the last complete line processed
+        self._buf = bytearray()
+        self._finished = False
+
+    def _error(self, line: int, field: str, message: str) -> InvalidInput:
+        return InvalidInput(f"line {line}: {message}", param="file",
+                            details=[{"line": line, "field": field, "message": message}])
+
+    def feed(self, chunk: bytes) -> None:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self.bytes += len(chunk)
+        if self.bytes > self.max_bytes:
+            raise PayloadTooLarge(f"file exceeds {self.max_bytes} bytes", param="file")
+        self._buf += chunk
+        start = 0
+        while (nl := self._buf.find(b"\n", start)) != -1:
+            self._line(bytes(self._buf[start:nl]))
+            start = nl + 1
+        del self._buf[:start]
+        if len(self._buf) > self.max_line_bytes:  # refuse before buffering an endless line
+            raise self._error(self._line_no + 1, "", f"line longer than {self.max_line_bytes} bytes")
+
+    def _line(self, raw: bytes) -> None:
+        self._line_no += 1
+        n = self._line_no
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
+            raw = raw[3:]
+        if len(raw) > self.max_line_bytes:
+            raise self._error(n, "", f"line longer than {self.max_line_bytes} bytes")
+        if not raw.strip():
+            return
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._error(n, "", f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+        if json_depth_exceeds(raw, self.max_depth):
+            raise self._error(n, "", f"JSON nested deeper than {self.max_depth} levels")
+        try:
+            row = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise self._error(n, "", f"not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise self._error(n, "", "must be a JSON object")
+        if self.format is None:
+            fmt = detect_format(row)
+            if fmt is None:
+                raise self._error(n, "", f"unknown format: {_FORMAT_HINT}")
+            self.format, self._format_line = fmt, n
+        elif detect_format(row) is not self.format:
+            raise self._error(n, "", f"every row must have the format of line {self._format_line} "
+                                     f"({self.format.value}); {_FORMAT_HINT}")
+        problem = row_problem(row, self.format)
+        if problem is not None:
+            raise self._error(n, *problem)
+        self.rows += 1
+        if self.rows > self.max_rows:
+            raise PayloadTooLarge(f"file has more than {self.max_rows} rows", param="file")
+
+    def finish(self) -> tuple[DatasetFormat, int]:
+        if not self._finished:
+            self._finished = True
+            if self._buf:
+                rest, self._buf = bytes(self._buf), bytearray()
+                self._line(rest)
+        if self.format is None or self.rows == 0:
+            raise InvalidInput("the file has no rows", param="file",
+                               details=[{"line": 1, "field": "", "message": "the file has no rows"}])
+        return self.format, self.rows
+
+
+def validate_file(path: Path, **limits: int) -> tuple[DatasetFormat, int]:
+    """Validate a JSONL file already on disk (same rules as an upload)."""
+    v = DatasetValidator(**limits)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            v.feed(chunk)
+    return v.finish()
+
+
+def conversation_from_row(row: dict, fmt: DatasetFormat) -> list[dict]:
+    """Normalize a row to [{"role", "content"}, ...]; AdvertiseGen is user=content, assistant=summary."""
+    fmt = DatasetFormat(fmt)
+    try:
+        if fmt is DatasetFormat.advertisegen:
+            return [{"role": "user", "content": row["content"]}, {"role": "assistant", "content": row["summary"]}]
+        return [{"role": t["role"], "content": t["content"]} for t in row[LIST_KEY[fmt]]]
+    except (KeyError, TypeError) as exc:
+        raise InvalidInput(f"row is not in {fmt.value} format (missing {exc})", param="file") from None
+
+
+def read_conversations(path: Path) -> Iterator[list[dict]]:
+    """Conversations of a validated JSONL file (for the worker). Validates again, cheaply, so a
+    file changed on disk since upload fails with a clear line number instead of a KeyError."""
+    fmt: DatasetFormat | None = None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))
+            except (ValueError, RecursionError) as exc:
+                raise InvalidInput(f"{Path(path).name} line {n}: not valid JSON ({exc})", param="training_file") from None
+            fmt = fmt or (detect_format(row) if isinstance(row, dict) else None)
+            if fmt is None:
+                raise InvalidInput(f"{Path(path).name} line {n}: unknown format: {_FORMAT_HINT}", param="training_file")
+            problem = row_problem(row, fmt)
+            if problem is not None:
+                raise InvalidInput(f"{Path(path).name} line {n}: {problem[1]}", param="training_file")
+            yield conversation_from_row(row, fmt)
+
+
+# ---------------------------------------------------------------------------------------
+# `datasets` library sources
+# ---------------------------------------------------------------------------------------
+# "owner/name" or "name" on the hub; never absolute, never dotted segments.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
+_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+_SPLIT = re.compile(r"^([A-Za-z0-9_.\-]+)(?:\[(-?\d*%?):(-?\d*%?)\])?$")
+
+
+def _is_hub_id(path: str) -> bool:
+    return bool(_HUB_ID.fullmatch(path)) and ".." not in path
+
+
+def _looks_local(path: str) -> bool:
+    return (path.startswith(("/", "./", "../", "~")) or "\\" in path
+            or not _is_hub_id(path) or Path(path).suffix.lower() in _FILE_BUILDERS)
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(r).resolve()) for r in roots)
+
+
+def check_dataset_source(src: DatasetSource, allowed_roots: list[Path], *, param: str = "training_dataset") -> None:
+    """Cheap check for the API: a local path must exist and resolve inside allowed_roots;
+    a hub id ("owner/name") passes (the worker loads it). Raises InvalidInput."""
+    if _looks_local(src.path):
+        p = Path(src.path).expanduser()
+        if "\x00" in src.path or not _inside(p, allowed_roots):
+            raise InvalidInput(f"{param}.path must be a hub dataset id or a path under the server's "
+                               f"dataset directories", param=f"{param}.path")
+        if not p.exists():
+            raise InvalidInput(f"{param}.path {src.path!r} does not exist", param=f"{param}.path")
+        if p.is_file() and p.suffix.lower() not in _FILE_BUILDERS:
+            raise InvalidInput(f"{param}.path: unsupported file type {p.suffix!r} "
+                               f"(use {', '.join(sorted(_FILE_BUILDERS))} or a dataset directory)",
+                               param=f"{param}.path")
+
+
+def _slice(ds, split: str, param: str):
+    """Apply a `name[a:b]` slice (ints or percents) to an already loaded Dataset."""
+    m = _SPLIT.fullmatch(split)
+    if not m or m.group(2) is None and m.group(3) is None:
+        return ds
+    n = len(ds)
+
+    def bound(text: str, default: int) -> int:
+        if not text:
+            return default
+        if text.endswith("%"):
+            return int(n * int(text[:-1]) / 100)
+        return int(text)
+
+    start, stop = bound(m.group(2), 0), bound(m.group(3), n)
+    indices = range(n)[start:stop]
+    return ds.select(indices)
+
+
+def _select_split(loaded, split: str, param: str):
+    import datasets
+
+    name = (_SPLIT.fullmatch(split) or re.match(r"(.*)", split)).group(1)
+    if isinstance(loaded, datasets.DatasetDict):
+        if name not in loaded:
+            raise InvalidInput(f"{param}.split {name!r} not found (has {', '.join(loaded)})", param=f"{param}.split")
+        loaded = loaded[name]
+    return _slice(loaded, split, param)
+
+
+def _to_conversations(ds, src: DatasetSource, param: str) -> list[list[dict]]:
+    columns = list(ds.column_names)
+    if src.max_rows is not None and len(ds) > src.max_rows:
+        ds = ds.select(range(src.max_rows))
+    # Chat-format datasets carry a conversations/messages column instead of content/summary.
+    if src.content_column not in columns and src.content_column == "content":
+        for fmt, key in LIST_KEY.items():
+            if key in columns:
+                out = []
+                for i, turns in enumerate(ds[key]):
+                    problem = row_problem({key: turns}, fmt)
+                    if problem is not None:
+                        raise InvalidInput(f"{param} row {i}: {problem[1]}", param=f"{param}.path")
+                    out.append(conversation_from_row({key: turns}, fmt))
+                return out
+    for attr in ("content_column", "summary_column"):
+        column = getattr(src, attr)
+        if column not in columns:
+            raise InvalidInput(f"{param}.{attr}: column {column!r} not in the dataset (columns: {', '.join(columns)})",
+                               param=f"{param}.{attr}")
+    out = []
+    for i, (content, summary) in enumerate(zip(ds[src.content_column], ds[src.summary_column])):
+        for attr, value in (("content_column", content), ("summary_column", summary)):
+            if not _non_empty_str(value):
+                raise InvalidInput(f"{param} row {i}: column {getattr(src, attr)!r} must be a non-empty string",
+                                   param=f"{param}.{attr}")
+        out.append([{"role": "user", "content": content}, {"role": "assistant", "content": summary}])
+    if not out:
+        raise InvalidInput(f"{param}: the selected split has no rows", param=f"{param}.split")
+    return out
+
+
+def load_dataset_source(src: DatasetSource, *, allowed_roots: list[Path] | None = None,
+                        param: str = "training_dataset") -> list[list[dict]]:
+    """Load a dataset as conversations. Local: a `save_to_disk` dir (load_from_disk), a dir of
+    data files or a parquet/json/csv file (load_dataset by extension); else a hub id
+    (load_dataset(path, name, split=...)). Columns content/summary map to user/assistant."""
+    if allowed_roots is not None:
+        check_dataset_source(src, allowed_roots, param=param)
+    import datasets  # heavy: only where data is really loaded
+
+    local = _looks_local(src.path)
+    path = Path(src.path).expanduser()
+    if not local and path.exists():
+        # datasets would silently prefer a relative local dir over the hub id.
+        raise InvalidInput(f"{param}.path {src.path!r} is ambiguous (a relative local path and a hub id); "
+                           "give an absolute path", param=f"{param}.path")
+    try:
+        if local and path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            ds = _select_split(datasets.load_from_disk(str(path)), src.split, param)
+        elif local and path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                raise InvalidInput(f"{param}.path: unsupported file type {path.suffix!r}", param=f"{param}.path")
+            split_name = _SPLIT.fullmatch(src.split).group(1) if _SPLIT.fullmatch(src.split) else "train"
+            ds = datasets.load_dataset(builder, data_files={split_name: str(path)}, split=src.split)
+        elif local and not path.exists():
+            raise InvalidInput(f"{param}.path {src.path!r} does not exist", param=f"{param}.path")
+        else:
+            ds = datasets.load_dataset(str(path) if local else src.path, src.name, split=src.split)
+    except InvalidInput:
+        raise
+    except (ValueError, KeyError) as exc:
+        raise InvalidInput(f"{param}: cannot load split {src.split!r} of {src.path!r}: {exc}",
+                           param=f"{param}.split") from exc
+    except Exception as exc:  # hub unreachable, dataset missing, unreadable files...
+        raise InvalidInput(f"{param}: cannot load {src.path!r}: {type(exc).__name__}: {exc}",
+                           param=f"{param}.path") from exc
+    return _to_conversations(ds, src, param)
