@@ -190,8 +190,10 @@ class Launcher:
                 self._spawn("worker", worker_argv(settings.task_queue, 1), env)
             self._spawn("api", [sys.executable, "-m", "service.cli", "api"], env)
             base = f"http://{settings.host}:{settings.port}"
+            model_line = (f"[bold red]model: SMOKE-TEST DEMO MODEL ({choice.model}), answers are gibberish[/]"
+                          if choice.demo else f"model: {choice.model}")
             self.console.print(Panel(
-                f"API + dashboard: [bold]{base}/[/]\nOpenAI base_url: {base}/v1\n"
+                f"API + dashboard: [bold]{base}/[/]\nOpenAI base_url: {base}/v1\n{model_line}\n"
                 f"data: {settings.data_dir.absolute()}   logs: worker/api below, redis in {logs}\n"
                 "Ctrl-C stops everything.", title="tuneserve up", expand=False))
             return self._supervise()
