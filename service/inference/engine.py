@@ -1,0 +1,501 @@
+"""InferenceEngine: one owner of the base model, continuous batching of mixed adapters.
+
+Threads and ownership:
+* the caller's asyncio loop (front end): renders the chat, checks the queue bound,
+  acquires the adapter (loading it if needed), submits the request and turns the token
+  ids it receives into text deltas (`GenerationStream`);
+* adapter loader threads: registry read, sha256 verify, base/target checks, parsing;
+* one decode thread: the only code that touches the model and GPU tensors. Each
+  iteration: upload newly loaded adapters, drop cancelled / timed-out requests, prefill
+  waiting requests into free slots (one padded batch), then one decode step for every
+  running slot, whatever adapter each uses. Finished requests leave their slot at once.
+
+Usage (see GenerationStream for the streaming contract):
+
+    engine = InferenceEngine(settings, registry)
+    await engine.start()
+    result = await engine.generate(GenerationRequest(tenant="t", adapter="ft-x", messages=[...]))
+    stream = await engine.stream(request)
+    async for delta in stream: ...
+    stream.result.finish_reason, stream.usage
+    await engine.stop()
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import heapq
+import itertools
+import logging
+import secrets
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.core.config import CHATGLM3_HUB_ID, DEMO_MODEL_NAME, Settings
+from service.core.domain import BASE_ADAPTER, GenerationRequest, GenerationResult, SamplingParams
+from service.core.errors import InvalidInput, QueueFull, ServiceUnavailable
+from service.inference.adapters import AdapterCache, AdapterLease, BaseIdentity
+from service.inference.streaming import END, ERROR, TOKEN, GenerationStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    tenant: str
+    adapter: str  # adapter name, or BASE_ADAPTER
+    adapter_version: int | None
+    lease: AdapterLease | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    deadline: float
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    finished: bool = False
+    slot: int | None = None
+    n_generated: int = 0
+
+
+def _resolve_device(device: str | None) -> str:
+    import torch
+
+    device = (device or "auto").strip()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ServiceUnavailable(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+class InferenceEngine:
+    # Padded prompt tokens one prefill batch may hold (bounds the pause a join causes).
+    prefill_tokens_per_batch = 4096
+
+    def __init__(self, settings: Settings, registry, *, base_model_ref: str | None = None,
+                 device: str | None = None, lora_targets: list[str] | str | None = None):
+        self.settings = settings
+        self.registry = registry
+        self._ref = base_model_ref if base_model_ref is not None else settings.base_model
+        self._device_pref = device or settings.device
+        self._lora_targets = lora_targets
+        self.base_model_name: str = self._public_name(self._ref)
+        self.device: str | None = None
+        self.model_path: Path | None = None
+        self.tokenizer = None
+        self._runner = None
+        self._cache: AdapterCache | None = None
+        self._stop_ids: frozenset[int] = frozenset()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[_Request] = collections.deque()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._running: dict[int, _Request] = {}
+        self._free: list[int] = []
+        self._pending = 0  # accepted, not yet in a slot (loading adapter or waiting)
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}
+        self._stopping = False
+        self._started = False
+        self._failed: BaseException | None = None
+        self._ids = itertools.count(1)
+        self._avg_request_s = 2.0
+        self._slot_tensors: dict[tuple[int, ...], Any] = {}
+        self.counters = collections.Counter()
+
+    @staticmethod
+    def _public_name(ref: str) -> str:
+        if not ref:
+            import torch
+            return CHATGLM3_HUB_ID if torch.cuda.is_available() else DEMO_MODEL_NAME
+        path = Path(ref)
+        return path.name if (path.is_absolute() or ref.startswith(".")) and path.name else ref
+
+    # ----------------------------------------------------------------------------------
+    # lifecycle
+    # ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        await asyncio.to_thread(self._setup)
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+        self._started = True
+        for ref in self.settings.preload_adapters:
+            await self._preload(ref)
+
+    def _setup(self) -> None:
+        from service import models
+
+        self.device = _resolve_device(self._device_pref)
+        settings = self.settings
+        path = Path(models.resolve_base_model(self._ref, settings.models_dir))
+        self.model_path = path
+        self.tokenizer = models.load_tokenizer(path)
+        model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
+        self._setup_with(model, self.tokenizer, path, stop_ids=models.stop_token_ids(self.tokenizer),
+                         default_targets=self._default_targets(models, path),
+                         fingerprint=self._fingerprint(models, path))
+
+    @staticmethod
+    def _default_targets(models, path: Path):
+        targets = getattr(models, "DEFAULT_LORA_TARGETS", None)
+        if isinstance(targets, dict):
+            family = models.model_family(path)
+            return targets.get(family) or targets.get("default") or "all-linear"
+        return list(targets) if targets else "all-linear"
+
+    @staticmethod
+    def _fingerprint(models, path: Path) -> str | None:
+        # Only a fingerprint computed by the same function the trainer uses is comparable.
+        for name in ("base_model_fingerprint", "model_fingerprint", "fingerprint"):
+            fn = getattr(models, name, None)
+            if callable(fn):
+                return fn(path)
+        return None
+
+    def _setup_with(self, model, tokenizer, path: Path, *, stop_ids, default_targets,
+                    fingerprint: str | None) -> None:
+        """Build runner + adapter cache around an already loaded model (also used by tests)."""
+        import torch
+
+        from service.inference.runner import ModelRunner
+
+        settings = self.settings
+        self.device = self.device or str(next(model.parameters()).device)
+        self.tokenizer = tokenizer
+        self.model_path = Path(path)
+        targets = self._lora_targets or default_targets
+        runner = ModelRunner(
+            model, num_slots=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+            lora_targets=targets, lora_budget_bytes=settings.adapter_gpu_budget_bytes,
+            device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
+            torch_compile=getattr(settings, "torch_compile", False))
+        self._runner = runner
+        self._stop_ids = frozenset(int(i) for i in stop_ids)
+        self._free = list(range(settings.max_batch_size))
+        heapq.heapify(self._free)
+        served = {n.rsplit(".", 1)[-1] for n in runner.wrapped}
+        names = {self.base_model_name, self._ref, str(path), Path(path).name,
+                 str(getattr(model.config, "_name_or_path", "") or "")}
+        identity = BaseIdentity(names, fingerprint, served)
+        self._cache = AdapterCache(
+            self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,
+            capacity_columns=runner.capacity, bytes_per_column=runner.bytes_per_column,
+            cpu_capacity=settings.adapter_cpu_cache_size, wake=self._wake.set,
+            pin_memory=runner.device.type == "cuda")
+        log.info("inference engine: base %s on %s, %d slots x %d tokens, LoRA on %s "
+                 "(%d rank columns = %d bytes)", self.base_model_name, self.device,
+                 settings.max_batch_size, settings.max_seq_len, sorted(served), runner.capacity,
+                 runner.capacity * runner.bytes_per_column)
+
+    async def _preload(self, ref: str) -> None:
+        tenant, sep, name = ref.partition("/")
+        if not sep:
+            log.warning("preload_adapters entry %r is not tenant/name; skipped", ref)
+            return
+        try:
+            lease = await self._cache.acquire(tenant, name, time.monotonic() + 600)
+        except Exception as exc:
+            log.warning("preloading adapter %s failed: %s", ref, exc)
+            return
+        self._cache.pin(lease.entry.key)
+        lease.release()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self._thread = None
+        self._started = False
+        if self._cache is not None:
+            self._cache.shutdown()
+
+    def ready(self) -> bool:
+        return (self._started and not self._stopping and self._failed is None
+                and self._thread is not None and self._thread.is_alive())
+
+    # ----------------------------------------------------------------------------------
+    # front end
+    # ----------------------------------------------------------------------------------
+    def _is_base(self, adapter: str | None) -> bool:
+        return not adapter or adapter in (BASE_ADAPTER, self.base_model_name, self._ref)
+
+    async def stream(self, req: GenerationRequest) -> GenerationStream:
+        """Admit a request and return its stream. Raises here, before any token:
+        ServiceUnavailable (not ready), QueueFull (429, retry_after), InvalidInput (prompt
+        too long), NotFound (unknown adapter), AdapterMismatch, IntegrityError,
+        RequestTimeout (adapter could not be loaded in time)."""
+        if not self.ready():
+            raise ServiceUnavailable("inference engine is not ready" +
+                                     (f": {self._failed}" if self._failed else ""))
+        with self._lock:
+            if self._pending >= self.settings.max_queue:
+                self.counters["rejected_queue_full"] += 1
+                raise QueueFull(f"{self._pending} requests are waiting; retry later",
+                                retry_after=self._retry_after())
+            self._pending += 1
+        try:
+            prompt = self._render(req)
+            timeout = req.timeout_s if req.timeout_s is not None else self.settings.request_timeout_s
+            deadline = time.monotonic() + max(0.0, timeout)
+            lease = None
+            adapter = BASE_ADAPTER if self._is_base(req.adapter) else req.adapter
+            if adapter != BASE_ADAPTER:
+                lease = await self._cache.acquire(req.tenant, adapter, deadline)
+            r = _Request(
+                id=req.request_id or f"gen-{uuid.uuid4().hex[:16]}", tenant=req.tenant, adapter=adapter,
+                adapter_version=lease.entry.version if lease else None, lease=lease,
+                prompt_ids=prompt, params=req.params,
+                seed=req.params.seed if req.params.seed is not None else secrets.randbits(63),
+                deadline=deadline, loop=asyncio.get_running_loop())
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+        stream = GenerationStream(self, r, self.tokenizer)
+        self.counters["requests"] += 1
+        self._inbox.append(r)
+        self._wake.set()
+        return stream
+
+    async def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Whole answer. Raises what stream() raises, and RequestTimeout when the request
+        timed out before its first token (after it: finish_reason "timeout")."""
+        stream = await self.stream(req)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            await stream.aclose()
+        return stream.result
+
+    def _render(self, req: GenerationRequest) -> list[int]:
+        from service import models
+
+        if not req.messages:
+            raise InvalidInput("messages must not be empty", param="messages")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        ids = [int(i) for i in models.render_chat(self.tokenizer, messages, add_generation_prompt=True)]
+        if len(ids) >= self.settings.max_seq_len:
+            raise InvalidInput(f"prompt is {len(ids)} tokens; this server accepts at most "
+                               f"{self.settings.max_seq_len - 1}", param="messages",
+                               code="context_length_exceeded")
+        return ids
+
+    def _retry_after(self) -> float:
+        slots = max(1, self.settings.max_batch_size)
+        return float(max(1, round(self._avg_request_s * (1 + self._pending / slots))))
+
+    def _cancel(self, r: _Request) -> None:
+        if not r.finished:
+            r.cancelled = True
+            self._wake.set()
+
+    # ----------------------------------------------------------------------------------
+    # decode thread
+    # ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                while not self._stopping:
+                    self._wake.clear()
+                    while self._inbox:
+                        self._waiting.append(self._inbox.popleft())
+                    self._cache.service_uploads(self._runner)
+                    self._reap(time.monotonic())
+                    self._admit()
+                    if self._running:
+                        self._step()
+                    self._flush()
+                    if not self._running:
+                        busy = self._waiting or self._inbox or self._cache.has_pending_uploads
+                        self._wake.wait(0.02 if busy else 0.5)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("decode loop died")
+            self._failed = exc
+        finally:
+            reason = ServiceUnavailable("inference engine stopped" if self._failed is None
+                                        else f"inference engine failed: {self._failed}")
+            for r in list(self._running.values()) + list(self._waiting) + list(self._inbox):
+                self._fail(r, reason)
+            self._flush()
+
+    def _reap(self, now: float) -> None:
+        for r in [r for r in self._waiting if r.cancelled or now > r.deadline]:
+            self._waiting.remove(r)
+            with self._lock:
+                self._pending -= 1
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
+        for r in [r for r in self._running.values() if r.cancelled or now > r.deadline]:
+            self._finish(r, "cancelled" if r.cancelled else "timeout")
+
+    def _admit(self) -> None:
+        runner = self._runner
+        batch: list[_Request] = []
+        longest = 0
+        while self._waiting and self._free:
+            r = self._waiting[0]
+            longest_next = max(longest, len(r.prompt_ids))
+            if batch and longest_next * (len(batch) + 1) > self.prefill_tokens_per_batch:
+                break
+            self._waiting.popleft()
+            longest = longest_next
+            r.slot = heapq.heappop(self._free)
+            batch.append(r)
+        if not batch:
+            return
+        with self._lock:
+            self._pending -= len(batch)
+        for r in batch:
+            self._running[r.slot] = r
+            runner.bind_slot(r.slot, r.lease.entry.cols if r.lease else None)
+            p = r.params
+            runner.sampler.set_slot(r.slot, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                                    penalty=p.repetition_penalty, seed=r.seed, prompt_ids=r.prompt_ids)
+        slots = [r.slot for r in batch]
+        hw = max((r.lease.entry.hw for r in batch if r.lease), default=0)
+        try:
+            logits = runner.prefill(slots, [r.prompt_ids for r in batch], hw)
+            idx = self._slots_tensor(slots)
+            tokens = runner.sampler.sample(logits, idx, slots)
+            runner.sampler.after_step(idx, tokens, slots)
+            runner.tok_buf[idx] = tokens
+            runner.pos_buf[idx] = idx.new_tensor([len(r.prompt_ids) for r in batch])
+            token_list = tokens.tolist()
+        except Exception as exc:
+            log.exception("prefill failed")
+            for r in batch:
+                self._fail(r, ServiceUnavailable(f"prefill failed: {exc}"))
+            return
+        self.counters["prefill_batches"] += 1
+        self.counters["prefill_tokens"] += sum(len(r.prompt_ids) for r in batch)
+        for r, t in zip(batch, token_list):
+            self._emit(r, t)
+
+    def _step(self) -> None:
+        runner = self._runner
+        slots = sorted(self._running)
+        reqs = [self._running[s] for s in slots]
+        max_pos = max(len(r.prompt_ids) + r.n_generated - 1 for r in reqs)
+        max_col = max((r.lease.entry.hw for r in reqs if r.lease), default=0)
+        nb, kv_len, hw = runner.decode_buckets(slots[-1], max_pos, max_col)
+        try:
+            logits = runner.decode(nb, kv_len, hw)
+            idx = self._slots_tensor(slots)
+            tokens = runner.sampler.sample(logits[idx], idx, slots)
+            runner.sampler.after_step(idx, tokens, slots)
+            runner.tok_buf[idx] = tokens
+            runner.pos_buf[idx] += 1
+            token_list = tokens.tolist()
+        except Exception as exc:
+            log.exception("decode step failed")
+            for r in reqs:
+                self._fail(r, ServiceUnavailable(f"decode failed: {exc}"))
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["decode_rows"] += len(reqs)
+        for r, t in zip(reqs, token_list):
+            self._emit(r, t)
+
+    def _slots_tensor(self, slots: list[int]):
+        key = tuple(slots)
+        t = self._slot_tensors.get(key)
+        if t is None:
+            import torch
+            if len(self._slot_tensors) > 256:
+                self._slot_tensors.clear()
+            t = torch.tensor(slots, dtype=torch.int64, device=self._runner.device)
+            self._slot_tensors[key] = t
+        return t
+
+    def _emit(self, r: _Request, token: int) -> None:
+        r.n_generated += 1
+        self.counters["tokens"] += 1
+        if token in self._stop_ids:
+            self._finish(r, "stop", n_stop=1)
+            return
+        self._post(r, (TOKEN, token))
+        written_at = len(r.prompt_ids) + r.n_generated - 1  # where this token's KV would go
+        if r.n_generated >= r.params.max_tokens or written_at >= self.settings.max_seq_len:
+            self._finish(r, "length")
+
+    def _release(self, r: _Request) -> None:
+        if r.slot is not None:
+            self._running.pop(r.slot, None)
+            self._runner.clear_slot(r.slot)
+            heapq.heappush(self._free, r.slot)
+            r.slot = None
+        if r.lease is not None:
+            r.lease.release()
+
+    def _finish(self, r: _Request, reason: str, n_stop: int = 0) -> None:
+        if r.finished:
+            return
+        self._release(r)
+        r.finished = True
+        self.counters[f"finish_{reason}"] += 1
+        elapsed = time.monotonic() - r.created
+        self._avg_request_s = 0.9 * self._avg_request_s + 0.1 * elapsed
+        self._post(r, (END, reason, n_stop))
+
+    def _fail(self, r: _Request, exc: BaseException) -> None:
+        if r.finished:
+            return
+        if r.slot is None and r in self._waiting:
+            self._waiting.remove(r)
+            with self._lock:
+                self._pending -= 1
+        self._release(r)
+        r.finished = True
+        self.counters["failed"] += 1
+        self._post(r, (ERROR, exc))
+
+    def _post(self, r: _Request, event: tuple) -> None:
+        self._outbox.setdefault(r.loop, []).append((r, event))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's loop is gone: nobody listens any more
+                for r, _ in items:
+                    r.cancelled = True
+
+    # ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        runner = self._runner
+        out: dict[str, Any] = {
+            "ready": self.ready(),
+            "base_model": self.base_model_name,
+            "device": self.device,
+            "slots": self.settings.max_batch_size,
+            "max_seq_len": self.settings.max_seq_len,
+            "running": len(self._running),
+            "queue_depth": self._pending,
+            "max_queue": self.settings.max_queue,
+            "counters": dict(self.counters),
+        }
+        if runner is not None:
+            out["cuda_graphs"] = runner.use_graphs and not runner._graph_failed
+            out["captured_graphs"] = runner.graph_count
+            out["memory"] = runner.memory()
+        if self._cache is not None:
+            out["adapters"] = self._cache.stats()
+        return out
+
+
+def _deliver(items) -> None:
+    for r, event in items:
+        r.queue.put_nowait(event)

@@ -1,0 +1,249 @@
+"""The model runner: every GPU operation of the engine, called only from the decode thread.
+
+It owns the base model (with LoRA wrappers installed), the slot KV cache, the LoRA column
+pool, the per-slot sampling state and the static input buffers of the decode step.
+
+Decode step shapes are static per (rows, kv_len, lora_columns) bucket: rows = slots
+0..nb-1 (requests take the lowest free slot, so nb stays small when load is low),
+kv_len and the LoRA high-water mark are rounded up to buckets. On CUDA each bucket's
+step is captured once into a CUDA graph and replayed (no per-layer Python or kernel
+launch overhead); optionally the step is torch.compile'd first. CPU stays eager.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Sequence
+
+import torch
+
+from service.inference.kvcache import SlotKVCache
+from service.inference.lora import ColumnAllocator, LoRAContext, ParsedAdapter, find_target_modules, install
+from service.inference.sampling import SamplingState
+
+log = logging.getLogger(__name__)
+
+
+def _pow2_at_least(n: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, *, num_slots: int, max_seq_len: int,
+                 lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
+                 cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96):
+        self.model = model.eval()
+        self.device = torch.device(device)
+        self.inner = model.base_model  # the decoder stack (GlmModel for GlmForCausalLM)
+        self.head = model.get_output_embeddings()
+        emb = model.get_input_embeddings()
+        self.dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.vocab = int(self.head.out_features)
+        n_layers = cfg.num_hidden_layers
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+        # LoRA column pool sized by the byte budget (rank-aware: one column = one rank unit).
+        targets = find_target_modules(model, lora_targets)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.bytes_per_column = sum((m.in_features + m.out_features) * elem for m in targets.values()) or 1
+        self.capacity = max(0, int(lora_budget_bytes) // self.bytes_per_column)
+        self.ctx = LoRAContext()
+        self.wrapped = install(model, lora_targets, self.capacity, self.dtype, self.device, self.ctx)
+        self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
+        self.alloc = ColumnAllocator(self.capacity)
+        self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
+        self._targeting = {n: 0 for n in self.wrapped}  # resident adapters per module
+
+        self.cache = SlotKVCache(num_layers=n_layers, num_slots=num_slots, max_seq_len=max_seq_len,
+                                 num_kv_heads=n_kv, head_dim=head_dim, dtype=self.dtype, device=self.device)
+        self.sampler = SamplingState(num_slots, self.vocab, self.device)
+        self.tok_buf = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
+        self.pos_buf = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
+        self._kv_arange = torch.arange(max_seq_len, device=self.device)
+        self._min = torch.finfo(self.dtype).min
+        params = inspect.signature(self.inner.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+        self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        self._graph_failed = False
+        self.max_graphs = max_graphs
+        self._decode_fn = self._decode_eager
+        if torch_compile and self.device.type == "cuda":
+            # Static shapes per bucket; graphs are captured around the compiled function.
+            self._decode_fn = torch.compile(self._decode_eager, dynamic=False)
+
+    # ----------------------------------------------------------------------------------
+    # adapters (columns of the LoRA pool)
+    # ----------------------------------------------------------------------------------
+    def upload_adapter(self, parsed: ParsedAdapter) -> list[int] | None:
+        """Copy an adapter into free pool columns; None when not enough columns are free."""
+        cols = self.alloc.allocate(parsed.rank)
+        if cols is None:
+            return None
+        idx = torch.tensor(cols, dtype=torch.int64, device=self.device)
+        n = len(cols)
+        for name, w in self.wrapped.items():
+            a_block = torch.zeros(w.in_features, n, dtype=self.dtype)
+            b_block = torch.zeros(n, w.out_features, dtype=self.dtype)
+            if name in parsed.modules:  # others get zeros: stale columns must never leak
+                a_t, b_t = parsed.modules[name]
+                a_block[:, : a_t.shape[1]] = a_t
+                b_block[: b_t.shape[0]] = b_t
+            w.lora_A.index_copy_(1, idx, a_block.to(self.device, non_blocking=True))
+            w.lora_B.index_copy_(0, idx, b_block.to(self.device, non_blocking=True))
+        changed = False
+        for name in parsed.modules:
+            self._targeting[name] += 1
+            changed |= self._targeting[name] == 1
+        if changed:
+            self._refresh_enabled()
+        return cols
+
+    def release_adapter(self, cols: list[int], targeted: set[str]) -> None:
+        self.alloc.release(cols)
+        changed = False
+        for name in targeted:
+            self._targeting[name] -= 1
+            changed |= self._targeting[name] == 0
+        if changed:
+            self._refresh_enabled()
+
+    def _refresh_enabled(self) -> None:
+        for name, w in self.wrapped.items():
+            w.enabled = self._targeting[name] > 0
+        self._graphs.clear()  # captured graphs baked in the old set of LoRA terms
+
+    # ----------------------------------------------------------------------------------
+    # slots
+    # ----------------------------------------------------------------------------------
+    def bind_slot(self, slot: int, cols: list[int] | None) -> None:
+        self.slot_mask[slot].zero_()
+        if cols:
+            self.slot_mask[slot, torch.tensor(cols, dtype=torch.int64, device=self.device)] = 1
+
+    def clear_slot(self, slot: int) -> None:
+        self.slot_mask[slot].zero_()
+        self.sampler.clear_slot(slot)
+        self.tok_buf[slot] = 0
+        self.pos_buf[slot] = 0
+
+    # ----------------------------------------------------------------------------------
+    # forward passes
+    # ----------------------------------------------------------------------------------
+    def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
+        out = self.inner(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                         use_cache=True, **{self._cache_kw: self.cache})
+        return out.last_hidden_state
+
+    def prefill(self, slots: list[int], prompts: list[list[int]], lora_hw: int) -> torch.Tensor:
+        """Run new prompts (right-padded into one batch) into their slots. Returns last-token
+        logits [n, V] (float32)."""
+        n, T = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, T, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        ids = ids.to(self.device)
+        slots_t = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        positions = torch.arange(T, device=self.device)[None, :].expand(n, T)
+        j = torch.arange(T, device=self.device)
+        allowed = (j[None, :] <= j[:, None])[None] & (j[None, None, :] < lens[:, None, None])  # [n, T, T]
+        mask = torch.zeros(n, 1, T, T, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None], self._min)
+        self.cache.plan_prefill(slots_t, positions)
+        self.ctx.mask = self.slot_mask[slots_t][:, None, :lora_hw] if lora_hw else None
+        self.ctx.hw = lora_hw
+        try:
+            hidden = self._forward(ids, mask, positions)
+        finally:
+            self.ctx.mask = None
+        last = hidden[torch.arange(n, device=self.device), lens - 1]
+        return self.head(last).float()
+
+    def _decode_eager(self, nb: int, kv_len: int, hw: int) -> torch.Tensor:
+        pos = self.pos_buf[:nb]
+        self.cache.plan_decode(pos, kv_len)
+        allowed = self._kv_arange[:kv_len][None, :] <= pos[:, None]
+        mask = torch.zeros(nb, 1, 1, kv_len, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None, None, :], self._min)
+        self.ctx.mask = self.slot_mask[:nb, None, :hw] if hw else None
+        self.ctx.hw = hw
+        try:
+            hidden = self._forward(self.tok_buf[:nb, None], mask, pos[:, None])
+        finally:
+            self.ctx.mask = None
+        return self.head(hidden[:, 0]).float()
+
+    def decode_buckets(self, max_slot: int, max_pos: int, max_col: int) -> tuple[int, int, int]:
+        """(nb, kv_len, hw) for rows 0..max_slot, positions <= max_pos, columns < max_col."""
+        if self.use_graphs:
+            nb = _pow2_at_least(max_slot + 1, 1, self.num_slots)
+            kv_len = _pow2_at_least(max_pos + 1, 64, self.max_seq_len)
+            hw = _pow2_at_least(max_col, 8, self.capacity) if max_col else 0
+        else:
+            nb, kv_len, hw = max_slot + 1, max_pos + 1, max_col
+        return nb, kv_len, hw
+
+    def decode(self, nb: int, kv_len: int, hw: int) -> torch.Tensor:
+        """One token for slots 0..nb-1 from tok_buf/pos_buf. Returns logits [nb, V] float32
+        (a static graph output on CUDA: consume before the next call)."""
+        if not self.use_graphs or self._graph_failed:
+            return self._decode_fn(nb, kv_len, hw)
+        key = (nb, kv_len, hw)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self._decode_fn(nb, kv_len, hw)
+            try:
+                entry = self._capture(key)
+            except Exception:  # never let a capture problem take serving down
+                log.exception("CUDA graph capture failed for %s; decoding eagerly from now on", key)
+                self._graph_failed = True
+                torch.cuda.synchronize(self.device)
+                return self._decode_fn(nb, kv_len, hw)
+            self._graphs[key] = entry
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, key: tuple[int, int, int]):
+        nb, kv_len, hw = key
+        # The warm-up writes garbage into rows' KV at their current positions; rows of
+        # running requests get it rewritten by the real step (same positions), free rows
+        # do not matter.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._decode_fn(nb, kv_len, hw)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader threads may touch CUDA (pinned memory) meanwhile.
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            out = self._decode_fn(nb, kv_len, hw)
+        log.info("captured decode graph rows=%d kv_len=%d lora_cols=%d", nb, kv_len, hw)
+        return graph, out
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
+    def memory(self) -> dict:
+        out = {"kv_cache_bytes": self.cache.nbytes,
+               "lora_pool_bytes": self.capacity * self.bytes_per_column,
+               "lora_pool_columns": self.capacity,
+               "lora_pool_free_columns": self.alloc.free}
+        if self.device.type == "cuda":
+            out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            out["gpu_reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            out["gpu_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return out
