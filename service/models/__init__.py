@@ -1,0 +1,28 @@
+"""Base model loading: ChatGLM3 mapped onto transformers' native GLM (no remote code), other
+causal LMs through transformers as usual. See service/models/chatglm3.py for the mapping."""
+from service.models.chat_format import (
+    IGNORE_INDEX,
+    encode_text,
+    render_chat,
+    stop_token_ids,
+    tokenize_chat,
+    tokenize_plain,
+)
+from service.models.chatglm3 import SPECIAL_TOKENS, convert_chatglm3
+from service.models.demo import build_demo_model
+from service.models.loader import (
+    DEFAULT_LORA_TARGETS,
+    default_lora_targets,
+    load_model,
+    load_tokenizer,
+    model_family,
+    resolve_base_model,
+    source_hash,
+)
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS", "IGNORE_INDEX", "SPECIAL_TOKENS", "build_demo_model",
+    "convert_chatglm3", "default_lora_targets", "encode_text", "load_model", "load_tokenizer",
+    "model_family", "render_chat", "resolve_base_model", "source_hash", "stop_token_ids",
+    "tokenize_chat", "tokenize_plain",
+]
