@@ -46,15 +46,15 @@ def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
 
 @router.get("/{name}/versions", response_model=AdapterList)
 def list_adapter_versions(name: str, tenant: TenantDep, registry: RegistryDep) -> AdapterList:
-    _resolve(registry, tenant, name, None)
+    _resolve(registry, tenant, name, None)  # 404 (not 400) for names that cannot exist
     return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list_versions(tenant, name)])
 
 
 @router.delete("/{name}", response_model=AdapterDeleted)
 def delete_adapter(name: str, tenant: TenantDep, registry: RegistryDep, state: StateDep,
                    version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterDeleted:
-    versions = [m.version for m in registry.list_versions(tenant, name)] if version is None else [version]
     try:
+        versions = [m.version for m in registry.list_versions(tenant, name)] if version is None else [version]
         registry.delete(tenant, name, version)
     except (NotFound, InvalidInput):
         raise _not_found(name, version) from None

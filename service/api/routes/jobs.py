@@ -104,7 +104,10 @@ def validate_job(body: JobCreate, *, state, store: Store, settings: Settings, te
     try:
         spec = TrainingSpec.from_hyperparameters(hyper, seed=body.seed, param_prefix=prefix)
     except InvalidInput as exc:
-        problems.extend(exc.details or [{"param": exc.param or prefix, "message": exc.message}])
+        for d in exc.details or [{"param": exc.param or prefix, "message": exc.message}]:
+            if d.get("param") == f"{prefix}.seed" and body.seed is not None:
+                d = {**d, "param": "seed"}  # the client sent it at the top level
+            problems.append(d)
 
     if body.suffix is not None:
         # The suffix becomes part of the adapter name, which must stay a strict name.

@@ -1,0 +1,207 @@
+"""POST/GET/DELETE /v1/files: good uploads of the three formats, and a corpus of malformed
+uploads that must each answer 4xx naming the line and field with NOTHING written: no file
+(not even a temp file) under files_dir, no row, nothing on the broker queue."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import (AUTH_A, AUTH_B, GOOD_ROWS, assert_error, files_on_disk, jsonl, upload,
+                       upload_ok)
+
+ADVERTISEGEN = GOOD_ROWS
+CHATGLM3 = [{"conversations": [{"role": "system", "content": "你是广告文案助手"},
+                               {"role": "user", "content": "类型#上衣"},
+                               {"role": "assistant", "content": "一件好看的上衣"}]}] * 3
+OPENAI = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 4
+
+
+@pytest.mark.parametrize("rows,fmt", [(ADVERTISEGEN, "advertisegen"), (CHATGLM3, "chatglm3"), (OPENAI, "openai")])
+def test_upload_each_format(client, settings, rows, fmt, queue_len):
+    r = upload(client, jsonl(rows))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "file" and body["id"].startswith("file-")
+    assert body["purpose"] == "fine-tune" and body["status"] == "processed"
+    assert body["format"] == fmt and body["rows"] == len(rows) and body["bytes"] == len(jsonl(rows))
+    assert isinstance(body["created_at"], int)
+    assert "path" not in body and "tenant" not in body  # internal fields never leak
+    on_disk = files_on_disk(settings)
+    assert len(on_disk) == 1 and on_disk[0].read_bytes() == jsonl(rows)
+    assert not [p for p in on_disk if p.name.startswith(".upload-")]
+    assert queue_len() == 0
+
+
+def test_list_get_content_delete(client, settings):
+    a = upload_ok(client)
+    b = upload_ok(client, OPENAI)
+    listed = client.get("/v1/files", headers=AUTH_A).json()
+    assert listed["object"] == "list" and [f["id"] for f in listed["data"]] == [b, a]
+    page = client.get("/v1/files", headers=AUTH_A, params={"limit": 1}).json()
+    assert [f["id"] for f in page["data"]] == [b] and page["has_more"] is True
+    page2 = client.get("/v1/files", headers=AUTH_A, params={"limit": 1, "after": b}).json()
+    assert [f["id"] for f in page2["data"]] == [a] and page2["has_more"] is False
+    assert client.get(f"/v1/files/{a}", headers=AUTH_A).json()["id"] == a
+    content = client.get(f"/v1/files/{a}/content", headers=AUTH_A)
+    assert content.status_code == 200 and content.content == jsonl(GOOD_ROWS)
+    r = client.delete(f"/v1/files/{a}", headers=AUTH_A)
+    assert r.status_code == 200 and r.json() == {"id": a, "object": "file", "deleted": True}
+    assert_error(client.get(f"/v1/files/{a}", headers=AUTH_A), 404)
+    assert len(files_on_disk(settings)) == 1  # b's bytes only
+
+
+def test_cross_tenant_files_are_404(client):
+    a = upload_ok(client)
+    assert_error(client.get(f"/v1/files/{a}", headers=AUTH_B), 404, code="not_found")
+    assert_error(client.get(f"/v1/files/{a}/content", headers=AUTH_B), 404)
+    assert_error(client.delete(f"/v1/files/{a}", headers=AUTH_B), 404)
+    assert client.get("/v1/files", headers=AUTH_B).json()["data"] == []
+    assert client.get(f"/v1/files/{a}", headers=AUTH_A).status_code == 200  # still there
+
+
+def _deep(depth: int) -> dict:
+    v: object = "x"
+    for _ in range(depth):
+        v = {"k": v}
+    return {"content": "a", "summary": "b", "extra": v}
+
+
+ok = json.dumps(GOOD_ROWS[0], ensure_ascii=False).encode()
+# (name, body, expected line, field (substring) or None) -- every one is refused with 400.
+MALFORMED = [
+    ("not json", ok + b"\n{not json}\n", 2, ""),
+    ("non utf-8", ok + b"\n" + b'{"content": "\xff\xfe", "summary": "x"}\n', 2, ""),
+    ("array row", b'[1, 2]\n', 1, ""),
+    ("unknown format", ok + b'\n{"prompt": "a", "completion": "b"}\n', 2, ""),
+    ("missing summary", ok + b'\n' + ok + b'\n{"content": "only"}\n', 3, "summary"),
+    ("empty summary", b'{"content": "a", "summary": "   "}\n', 1, "summary"),
+    ("summary not a string", b'{"content": "a", "summary": 5}\n', 1, "summary"),
+    ("mixed formats", ok + b"\n" + jsonl(OPENAI[:1]), 2, ""),
+    ("bad role", jsonl([{"messages": [{"role": "wizard", "content": "x"},
+                                      {"role": "assistant", "content": "y"}]}]), 1, "messages[0].role"),
+    ("no assistant turn", jsonl([{"conversations": [{"role": "user", "content": "x"}]}]), 1, "conversations"),
+    ("last turn not assistant", jsonl([{"messages": [{"role": "user", "content": "x"},
+                                                     {"role": "assistant", "content": "y"},
+                                                     {"role": "user", "content": "z"}]}]), 1, "messages"),
+    ("content not a string", jsonl([{"messages": [{"role": "user", "content": ["x"]},
+                                                  {"role": "assistant", "content": "y"}]}]), 1,
+     "messages[0].content"),
+    ("deeply nested", ok + b"\n" + json.dumps(_deep(40)).encode() + b"\n", 2, ""),
+    ("NaN constant", b'{"content": "a", "summary": NaN}\n', 1, ""),
+    ("huge line", ok + b'\n{"content": "' + b"x" * 9000 + b'", "summary": "b"}\n', 2, ""),
+    ("empty file", b"", None, ""),
+    ("only blank lines", b"\n\n  \n", None, ""),
+]
+
+
+@pytest.mark.parametrize("name,body,line,field", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_dataset_refused_nothing_written(client, settings, queue_len, name, body, line, field):
+    r = upload(client, body)
+    err = assert_error(r, 400, param="file")
+    detail = err["details"][0]
+    if line is None:  # nothing to point at: the whole file is empty
+        assert "no rows" in err["message"]
+    else:
+        assert f"line {line}" in err["message"], err
+        assert detail["line"] == line
+    if field:
+        assert field in detail["field"], detail
+    assert files_on_disk(settings) == [], "nothing may be written for a refused upload"
+    assert client.get("/v1/files", headers=AUTH_A).json()["data"] == []
+    assert queue_len() == 0
+
+
+HOSTILE_FORMS = [
+    # (name, kwargs for upload(), status, param)
+    ("purpose wrong", dict(purpose="assistants"), 400, "purpose"),
+    ("purpose missing", dict(purpose=None), 400, "purpose"),
+    ("filename with ..", dict(filename="../../etc/passwd"), 400, "file"),
+    ("filename with slash", dict(filename="a/b.jsonl"), 400, "file"),
+    ("filename with bidi override", dict(filename="evil\u202egnp.jsonl"), 400, "file"),
+    ("filename with zero-width", dict(filename="a\u200bb.jsonl"), 400, "file"),
+    ("filename fullwidth look-alike", dict(filename="ａ.jsonl"), 400, "file"),
+]
+
+
+@pytest.mark.parametrize("name,kw,status,param", HOSTILE_FORMS, ids=[h[0] for h in HOSTILE_FORMS])
+def test_hostile_form_refused_nothing_written(client, settings, queue_len, name, kw, status, param):
+    r = upload(client, jsonl(GOOD_ROWS), **kw)
+    assert_error(r, status, param=param)
+    assert files_on_disk(settings) == []
+    assert client.get("/v1/files", headers=AUTH_A).json()["data"] == []
+    assert queue_len() == 0
+
+
+def test_too_large_refused_while_streaming(client, settings):
+    # 64 KiB limit (conftest); a chunked body of ~160 KiB with no Content-Length.
+    row = json.dumps({"content": "x" * 1000, "summary": "y"}).encode() + b"\n"
+    boundary = "tsboundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jsonl\"\r\n"
+            "Content-Type: application/jsonl\r\n\r\n").encode()
+    sent = []
+
+    def body():
+        yield head
+        for _ in range(160):
+            sent.append(1)
+            yield row
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    r = client.post("/v1/files", headers={**AUTH_A, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                    content=body())
+    assert_error(r, 413, param="file", code="payload_too_large")
+    assert files_on_disk(settings) == []
+
+
+def test_declared_content_length_over_limit_refused_up_front(client, settings):
+    r = upload(client, b"x" * (200 * 1024))
+    assert_error(r, 413, code="payload_too_large")
+    assert files_on_disk(settings) == []
+
+
+def test_too_many_rows(make_settings, settings):
+    from fastapi.testclient import TestClient
+    from service.api.app import create_app
+    with TestClient(create_app(make_settings(max_upload_rows=3))) as c:
+        assert_error(upload(c, jsonl(GOOD_ROWS)), 413, code="payload_too_large")
+        assert files_on_disk(settings) == []
+
+
+def test_not_multipart_and_broken_multipart(client, settings):
+    assert_error(client.post("/v1/files", headers=AUTH_A, json={"file": "x"}), 400, param="file")
+    truncated = (b"--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+                 b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n" + ok + b"\n")
+    r = client.post("/v1/files", headers={**AUTH_A, "Content-Type": "multipart/form-data; boundary=b"},
+                    content=truncated)
+    assert_error(r, 400, param="file")
+    r = client.post("/v1/files", headers={**AUTH_A, "Content-Type": "multipart/form-data"}, content=b"x")
+    assert_error(r, 400, param="file")
+    assert files_on_disk(settings) == []
+    assert client.get("/v1/files", headers=AUTH_A).json()["data"] == []
+
+
+def test_two_file_parts_refused(client, settings):
+    r = client.post("/v1/files", headers=AUTH_A, data={"purpose": "fine-tune"},
+                    files=[("file", ("a.jsonl", jsonl(GOOD_ROWS))), ("file", ("b.jsonl", jsonl(GOOD_ROWS)))])
+    assert_error(r, 400, param="file")
+    assert files_on_disk(settings) == []
+
+
+def raw_multipart(file_header_filename: bytes, data: bytes, boundary: bytes = b"rawb") -> tuple[dict, bytes]:
+    body = (b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            b"--" + boundary + b"\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + file_header_filename
+            + b"\"\r\n\r\n" + data + b"\r\n--" + boundary + b"--\r\n")
+    return {**AUTH_A, "Content-Type": "multipart/form-data; boundary=" + boundary.decode()}, body
+
+
+@pytest.mark.parametrize("fname", [b"a\x00.jsonl", b"\xff\xfe.jsonl", b"a\x1b[31m.jsonl"],
+                         ids=["NUL", "non-utf8", "escape"])
+def test_raw_hostile_filenames(client, settings, fname):
+    # httpx would percent-escape these; send the bytes as a hostile client would.
+    headers, body = raw_multipart(fname, jsonl(GOOD_ROWS))
+    assert_error(client.post("/v1/files", headers=headers, content=body), 400, param="file")
+    assert files_on_disk(settings) == []
+    headers, body = raw_multipart(b"fine.jsonl", jsonl(GOOD_ROWS))
+    assert client.post("/v1/files", headers=headers, content=body).status_code == 200  # the framing is right

@@ -1,0 +1,211 @@
+"""/v1/fine_tuning/jobs: create (row committed, then only the id enqueued on the real Redis),
+validation that reports every problem at once, pagination, get, cancel, events, checkpoints,
+cross-tenant 404s, and the enqueue-failure rollback."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+
+from .conftest import AUTH_A, AUTH_B, BASE, assert_error, upload_ok
+
+
+def create(c, headers=AUTH_A, **body):
+    return c.post("/v1/fine_tuning/jobs", headers=headers, json=body)
+
+
+def jobs_in_store(c) -> int:
+    return len(c.app.state.tuneserve.store.list_jobs("alice", limit=1000)[0])
+
+
+def test_create_commits_row_then_enqueues_only_the_id(client, redis_client, queue_name, queue_len):
+    fid = upload_ok(client)
+    r = create(client, model=BASE, training_file=fid, suffix="ads",
+               hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2,
+                                "lora_r": 16, "lr_scheduler": "cosine", "warmup_ratio": 0.1},
+               seed=7, metadata={"team": "ads"})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
+    assert job["status"] == "queued" and job["model"] == BASE and job["training_file"] == fid
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 2.0}
+    assert job["spec"]["lora_r"] == 16 and job["spec"]["lr_scheduler"] == "cosine"
+    assert job["spec"]["learning_rate"] == pytest.approx(2e-4) and job["seed"] == 7
+    assert job["suffix"] == "ads" and job["metadata"] == {"team": "ads"}
+    assert job["progress"]["step"] == 0 and job["error"] is None and job["result_files"] == []
+    for internal in ("tenant", "worker_id", "attempts", "heartbeat_at"):
+        assert internal not in job
+    # The broker holds exactly one message: task tuneserve.train with args [job id] and nothing else.
+    assert queue_len() == 1
+    msg = json.loads(redis_client.lindex(queue_name, 0))
+    assert msg["headers"]["task"] == "tuneserve.train"
+    args, kwargs, _ = json.loads(base64.b64decode(msg["body"]))
+    assert args == [job["id"]] and kwargs == {}
+
+
+def test_openai_method_form_and_auto(client):
+    fid = upload_ok(client)
+    r = create(client, model=BASE, training_file=fid,
+               method={"type": "supervised", "supervised": {"hyperparameters": {
+                   "n_epochs": "auto", "batch_size": 8, "learning_rate_multiplier": "auto", "max_steps": 20}}})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["spec"]["max_steps"] == 20 and job["spec"]["batch_size"] == 8
+    assert job["method"]["type"] == "supervised"
+
+
+def test_dataset_source_job(client, settings):
+    ds = settings.data_dir / "datasets" / "adgen"
+    ds.mkdir(parents=True)
+    (ds / "train.json").write_text('{"content": "a", "summary": "b"}\n')
+    r = create(client, model=BASE, training_dataset={"path": str(ds), "split": "train"},
+               validation_dataset={"path": "HasturOfficial/adgen", "split": "validation"})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["training_file"] is None and job["training_dataset"]["path"] == str(ds)
+
+
+def _bad_cases(fid_a: str, fid_b: str):
+    ok = {"model": BASE, "training_file": fid_a}
+    return [
+        ("unknown model", {**ok, "model": "gpt-4o-mini"}, "model"),
+        ("no training data", {"model": BASE}, "training_file"),
+        ("missing file", {**ok, "training_file": "file-doesnotexist"}, "training_file"),
+        ("other tenant's file", {**ok, "training_file": fid_b}, "training_file"),
+        ("missing validation file", {**ok, "validation_file": "file-nope"}, "validation_file"),
+        ("file and dataset", {**ok, "training_dataset": {"path": "a/b"}}, "training_file"),
+        ("n_epochs zero", {**ok, "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ("negative multiplier", {**ok, "hyperparameters": {"learning_rate_multiplier": -1}},
+         "hyperparameters.learning_rate_multiplier"),
+        ("lr and multiplier", {**ok, "hyperparameters": {"learning_rate": 1e-4, "learning_rate_multiplier": 2}},
+         "hyperparameters.learning_rate_multiplier"),
+        ("absurd lora_r", {**ok, "hyperparameters": {"lora_r": 100000}}, "hyperparameters.lora_r"),
+        ("absurd max_steps", {**ok, "hyperparameters": {"max_steps": 10**12}}, "hyperparameters.max_steps"),
+        ("absurd batch", {**ok, "hyperparameters": {"batch_size": 10**9}}, "hyperparameters.batch_size"),
+        ("unknown scheduler", {**ok, "hyperparameters": {"lr_scheduler": "exponential"}},
+         "hyperparameters.lr_scheduler"),
+        ("unknown hyperparameter", {**ok, "hyperparameters": {"lora_rank": 8}}, "hyperparameters.lora_rank"),
+        ("micro > batch", {**ok, "hyperparameters": {"batch_size": 4, "micro_batch_size": 8}}, "hyperparameters"),
+        ("bad target module", {**ok, "hyperparameters": {"lora_target_modules": ["q_proj; rm -rf"]}},
+         "hyperparameters.lora_target_modules"),
+        ("suffix traversal", {**ok, "suffix": "../evil"}, "suffix"),
+        ("suffix uppercase+space", {**ok, "suffix": "My Model"}, "suffix"),
+        ("suffix NUL", {**ok, "suffix": "a\x00b"}, "suffix"),
+        ("suffix too long for a name", {**ok, "suffix": "a" * 60}, "suffix"),
+        ("method dpo", {**ok, "method": {"type": "dpo"}}, "method.type"),
+        ("hyperparameters twice", {**ok, "hyperparameters": {"n_epochs": 1},
+                                   "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}},
+         "method.supervised.hyperparameters"),
+        ("seed negative", {**ok, "seed": -1}, "seed"),
+        ("too much metadata", {**ok, "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ("integrations", {**ok, "integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}, "integrations"),
+        ("dataset outside roots", {"model": BASE, "training_dataset": {"path": "/etc"}}, "training_dataset.path"),
+        ("dataset missing", {"model": BASE, "training_dataset": {"path": "/nonexistent/x.json"}},
+         "training_dataset.path"),
+        ("dataset bad split", {"model": BASE, "training_dataset": {"path": "a/b", "split": "train; drop"}},
+         "training_dataset.split"),
+        ("unknown top-level field", {**ok, "trust_remote_code": True}, "trust_remote_code"),
+        ("model not a string", {**ok, "model": ["x"]}, "model"),
+    ]
+
+
+def test_bad_specs_each_refused_nothing_written(client, queue_len):
+    fid_a = upload_ok(client)
+    fid_b = upload_ok(client, headers=AUTH_B)
+    cases = _bad_cases(fid_a, fid_b)
+    assert len(cases) >= 12
+    for name, body, param in cases:
+        r = client.post("/v1/fine_tuning/jobs", headers=AUTH_A, json=body)
+        err = assert_error(r, 400)
+        params = [d["param"] for d in err.get("details", [])] or [err["param"]]
+        assert any(p == param or p.startswith(param) for p in params), (name, err)
+    assert jobs_in_store(client) == 0, "no row for a refused job"
+    assert queue_len() == 0, "nothing enqueued for a refused job"
+
+
+def test_every_problem_reported_at_once(client):
+    err = assert_error(create(client, model="nope", training_file="file-missing", suffix="Bad!",
+                              hyperparameters={"n_epochs": -1, "lora_r": 0, "lr_scheduler": "x"}), 400)
+    params = {d["param"] for d in err["details"]}
+    assert {"model", "training_file", "suffix", "hyperparameters.n_epochs", "hyperparameters.lora_r",
+            "hyperparameters.lr_scheduler"} <= params
+
+
+def test_enqueue_failure_rolls_back_the_row(make_settings, queue_len):
+    # Valid everything, but the broker is unreachable: 503, no row left behind.
+    with TestClient(create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))) as c:
+        fid = upload_ok(c)
+        err = assert_error(create(c, model=BASE, training_file=fid), 503, code="queue_unavailable")
+        assert "retry" in err["message"]
+        assert jobs_in_store(c) == 0
+        assert c.get("/v1/fine_tuning/jobs", headers=AUTH_A).json()["data"] == []
+        assert c.app.state.tuneserve.store.count_jobs_by_status()["queued"] == 0
+    assert queue_len() == 0
+
+
+def test_list_pagination_get_cancel_events(client):
+    fid = upload_ok(client)
+    ids = [create(client, model=BASE, training_file=fid).json()["id"] for _ in range(5)]
+    newest_first = list(reversed(ids))
+    page1 = client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"limit": 2}).json()
+    assert page1["object"] == "list" and [j["id"] for j in page1["data"]] == newest_first[:2]
+    assert page1["has_more"] is True
+    page2 = client.get("/v1/fine_tuning/jobs", headers=AUTH_A,
+                       params={"limit": 2, "after": page1["data"][-1]["id"]}).json()
+    assert [j["id"] for j in page2["data"]] == newest_first[2:4] and page2["has_more"] is True
+    page3 = client.get("/v1/fine_tuning/jobs", headers=AUTH_A,
+                       params={"limit": 2, "after": page2["data"][-1]["id"]}).json()
+    assert [j["id"] for j in page3["data"]] == newest_first[4:] and page3["has_more"] is False
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"after": "ftjob-nope"}), 400,
+                 param="after")
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"limit": 0}), 400, param="limit")
+
+    job_id = ids[0]
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH_A).json()["status"] == "queued"
+
+    store = client.app.state.tuneserve.store
+    for step in range(1, 4):
+        store.add_event(job_id, f"step {step}", type="metrics", data={"step": step, "loss": 3.0 / step})
+    ev = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=AUTH_A, params={"limit": 2}).json()
+    assert [e["message"] for e in ev["data"]] == ["step 3", "step 2"] and ev["has_more"] is True
+    assert ev["data"][0]["object"] == "fine_tuning.job.event" and ev["data"][0]["data"]["loss"] == 1.0
+    ev2 = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=AUTH_A,
+                     params={"after": ev["data"][-1]["id"]}).json()
+    assert [e["message"] for e in ev2["data"]] == ["step 1"] and ev2["has_more"] is False
+
+    ck = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=AUTH_A).json()
+    assert ck == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=AUTH_A)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    assert_error(client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=AUTH_A), 409)
+
+    # A running job: cancel is a request the worker honours.
+    running = ids[1]
+    store.transition(running, "running")
+    r = client.post(f"/v1/fine_tuning/jobs/{running}/cancel", headers=AUTH_A).json()
+    assert r["status"] == "running" and r["cancel_requested"] is True
+
+
+def test_cross_tenant_jobs_are_404(client):
+    fid = upload_ok(client)
+    job_id = create(client, model=BASE, training_file=fid).json()["id"]
+    for method, path in [("GET", f"/v1/fine_tuning/jobs/{job_id}"),
+                         ("POST", f"/v1/fine_tuning/jobs/{job_id}/cancel"),
+                         ("GET", f"/v1/fine_tuning/jobs/{job_id}/events"),
+                         ("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints")]:
+        assert_error(client.request(method, path, headers=AUTH_B), 404, code="not_found")
+    assert client.get("/v1/fine_tuning/jobs", headers=AUTH_B).json()["data"] == []
+    # bob cannot page through alice's list with her cursor either
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job_id}), 400)
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH_A).json()["status"] == "queued"
+
+
+def test_file_in_use_cannot_be_deleted(client):
+    fid = upload_ok(client)
+    create(client, model=BASE, training_file=fid)
+    assert_error(client.delete(f"/v1/files/{fid}", headers=AUTH_A), 409)
