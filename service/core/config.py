@@ -48,7 +48,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = 300.0
     adapter_gpu_budget_bytes: int = 512 * 1024 * 1024
     adapter_cpu_cache_size: int = 64
-    preload_adapters: list[str] = Field(default_factory=list)
+    preload_adapters: list[str] = Field(default_factory=list)  # "tenant/name": loaded at start, pinned
+    # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
+    # optionally torch.compile the step first.
+    cuda_graphs: bool = True
+    torch_compile: bool = False
 
     # Workers.
     heartbeat_interval_s: float = 10.0
