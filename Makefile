@@ -9,7 +9,7 @@ REDIS_URL ?= $(or $(TUNESERVE_REDIS_URL),redis://127.0.0.1:6379/0)
 REDIS_PORT := $(or $(lastword $(subst :, ,$(firstword $(subst /, ,$(patsubst redis://%,%,$(REDIS_URL)))))),6379)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-fast lint browser-deps services bench-train bench-chat clean
+.PHONY: help install run test test-fast lint browser-deps compose-deps services bench-train bench-chat clean
 
 help:
 	@echo "make run          install into .venv, then start API + worker + dashboard on http://127.0.0.1:8000"
@@ -55,7 +55,15 @@ browser-deps:
 	       && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
 	       || echo "warning: chromium not installed; browser tests will skip"; }
 
-test: install services browser-deps
+# A Compose client for the `docker compose config` test (no engine needed). Debian ships v1 as
+# docker-compose; tolerant: the test skips without one.
+compose-deps:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
+	  || { command -v apt-get >/dev/null 2>&1 \
+	       && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; } \
+	       || echo "warning: no Docker Compose client; the compose config test will skip"; }
+
+test: install services browser-deps compose-deps
 	$(BIN)/pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-fast: install services

@@ -409,24 +409,71 @@ def adapters_list(ctx: typer.Context,
 
 
 @adapters_app.command("export")
-def adapters_export(name: str,
-                    out: Annotated[Path, typer.Option("--out", help="Output directory.")],
-                    fmt: Annotated[str, typer.Option("--format", help="Target format.")] = "chatglm3",
-                    tenant: Annotated[str, typer.Option(help="Owner tenant.")] = "default",
-                    version: Annotated[Optional[int], typer.Option(help="Version (default: latest).")] = None):
-    """Export a published adapter (operator-only: reads the registry under TUNESERVE_DATA_DIR)."""
-    if fmt != "chatglm3":
-        raise _fail(f"unknown --format {fmt!r} (supported: chatglm3)")
+def adapters_export(ctx: typer.Context, name: str,
+                    out: Annotated[Path, typer.Option("--out", help="Output directory (new or empty).")],
+                    fmt: Annotated[str, typer.Option("--format", help="chatglm3 (peft on the original "
+                                                     "ChatGLM3-6B) or peft (the registry's own pair).")] = "chatglm3",
+                    version: Annotated[Optional[int], typer.Option(help="Version (default: latest).")] = None,
+                    local: Annotated[bool, typer.Option("--local", help="Operator mode: read the registry "
+                                                        "under TUNESERVE_DATA_DIR directly, no server.")] = False,
+                    tenant: Annotated[str, typer.Option(help="Owner tenant (--local only).")] = "default",
+                    url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None):
+    """Export an adapter: downloaded from the API (GET /v1/adapters/NAME/export), or --local."""
+    if fmt not in ("chatglm3", "peft"):
+        raise _fail(f"unknown --format {fmt!r} (supported: chatglm3, peft)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _fail(f"--out {out} exists and is not an empty directory")
+    if local:
+        _export_local(name, out, fmt, tenant, version)
+        return
+
+    def run() -> None:
+        with _client(ctx, url, api_key) as c:
+            params = {"format": fmt, "archive": "tar", "version": version}
+            blob = c.download(f"/v1/adapters/{name}/export", {k: v for k, v in params.items() if v is not None})
+        _extract_tar(blob, out)
+
+    _run_client(run)
+    files = sorted(p.name for p in out.iterdir())
+    console.print(f"[green]exported[/] {name} ({fmt}) -> {out}: {', '.join(files)}")
+
+
+def _extract_tar(blob: bytes, out: Path) -> None:
+    """The archive holds one top directory; its files land directly in `out`. Members are
+    filtered (no absolute paths, links or `..`) since the bytes came over the network."""
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tf:
+            tf.extractall(tmp, filter="data")
+        entries = list(Path(tmp).iterdir())
+        src = entries[0] if len(entries) == 1 and entries[0].is_dir() else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for item in src.iterdir():
+            shutil.move(str(item), out / item.name)
+
+
+def _export_local(name: str, out: Path, fmt: str, tenant: str, version: int | None) -> None:
+    import shutil
+
     from service.core.errors import TuneserveError
     settings = _settings()
     try:
         adapter_dir = _registry_path(settings, tenant, name, version)
-        from service.models.export import export_adapter_chatglm3
-        result = export_adapter_chatglm3(adapter_dir, out)
+        if fmt == "chatglm3":
+            from service.models.export import export_adapter_chatglm3
+            export_adapter_chatglm3(adapter_dir, out)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in adapter_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, out / f.name)
     except TuneserveError as exc:
         raise _fail(exc.message)
-    console.print(f"[green]exported[/] {tenant}/{name} ({adapter_dir.name}) -> {result or out} "
-                  "(loads with peft on the original ChatGLM3-6B checkpoint)")
+    console.print(f"[green]exported[/] {tenant}/{name} v{adapter_dir.name} ({fmt}) -> {out}")
 
 
 def _registry_path(settings, tenant: str, name: str, version: int | None) -> Path:

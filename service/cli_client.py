@@ -115,6 +115,9 @@ class ApiClient:
             kwargs["json"] = json_body
         return self._send("POST", path, **kwargs).json()
 
+    def download(self, path: str, params: dict[str, Any] | None = None) -> bytes:
+        return self._send("GET", path, params=params or {}).content
+
     def upload_file(self, path: Path, purpose: str = "fine-tune") -> dict[str, Any]:
         with path.open("rb") as f:
             return self.post("/v1/files", data={"purpose": purpose},
