@@ -111,15 +111,26 @@ class _StateCollector(Collector):
             yield from _engine_metrics(stats)
 
 
-# Engine stats keys -> (metric name, help, kind). Unknown keys are exported as gauges too
-# (numbers only), so new engine counters show up without touching this file.
+# Engine stats (flattened, "_"-joined keys) -> (metric name, help, kind). Other numeric
+# stats are exported as gauges `tuneserve_engine_<key>` (and `counters.*` as counters), so
+# new engine counters show up without touching this file. Lists (e.g. the resident adapters,
+# which carry tenant names) are never exported.
 _ENGINE_KNOWN: dict[str, tuple[str, str, str]] = {
-    "adapter_cache_hits": ("tuneserve_adapter_cache_hits", "Adapter cache hits", "counter"),
-    "adapter_cache_misses": ("tuneserve_adapter_cache_misses", "Adapter cache misses", "counter"),
-    "adapter_loads": ("tuneserve_adapter_loads", "Adapters loaded from the registry", "counter"),
-    "adapter_evictions": ("tuneserve_adapter_evictions", "Adapters evicted from the cache", "counter"),
-    "gpu_memory_allocated_bytes": ("tuneserve_gpu_memory_allocated_bytes", "GPU memory allocated", "gauge"),
-    "gpu_memory_reserved_bytes": ("tuneserve_gpu_memory_reserved_bytes", "GPU memory reserved", "gauge"),
+    "adapters_hits": ("tuneserve_adapter_cache_hits", "Adapter cache hits (already on the GPU)", "counter"),
+    "adapters_misses": ("tuneserve_adapter_cache_misses", "Adapter cache misses", "counter"),
+    "adapters_cpu_hits": ("tuneserve_adapter_cache_cpu_hits", "Adapter misses served from the CPU cache",
+                          "counter"),
+    "adapters_loads": ("tuneserve_adapter_loads", "Adapters loaded from the registry", "counter"),
+    "adapters_uploads": ("tuneserve_adapter_uploads", "Adapters uploaded to the GPU pool", "counter"),
+    "adapters_evictions": ("tuneserve_adapter_evictions", "Adapters evicted from the GPU pool", "counter"),
+    "adapters_cpu_evictions": ("tuneserve_adapter_cpu_evictions", "Adapters evicted from the CPU cache",
+                               "counter"),
+    "adapters_load_errors": ("tuneserve_adapter_load_errors", "Adapter loads that failed", "counter"),
+    "adapters_gpu_resident": ("tuneserve_adapters_gpu_resident", "Adapters resident on the GPU", "gauge"),
+    "memory_gpu_allocated_bytes": ("tuneserve_gpu_memory_allocated_bytes", "GPU memory allocated", "gauge"),
+    "memory_gpu_reserved_bytes": ("tuneserve_gpu_memory_reserved_bytes", "GPU memory reserved", "gauge"),
+    "memory_gpu_max_allocated_bytes": ("tuneserve_gpu_memory_max_allocated_bytes",
+                                       "Peak GPU memory allocated", "gauge"),
 }
 
 
@@ -141,6 +152,8 @@ def _engine_metrics(stats: dict[str, Any]) -> Iterable[Metric]:
         known = _ENGINE_KNOWN.get(key)
         if known:
             name, help_, kind = known
+        elif key.startswith("counters_"):
+            name, help_, kind = f"tuneserve_engine_{key[len('counters_'):]}", f"engine counter {key}", "counter"
         else:
             name, help_, kind = f"tuneserve_engine_{key}", f"engine stat {key}", "gauge"
         if kind == "counter":

@@ -99,121 +99,37 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any], 
 DONE = "data: [DONE]\n\n"
 
 
-class StreamItem:
-    """One normalised item of the engine's stream: a text delta, or the end (finish + usage)."""
-    __slots__ = ("text", "finish_reason", "prompt_tokens", "completion_tokens")
-
-    def __init__(self, text: str = "", finish_reason: str | None = None,
-                 prompt_tokens: int | None = None, completion_tokens: int | None = None):
-        self.text = text
-        self.finish_reason = finish_reason
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = completion_tokens
+async def open_stream(engine: Any, req: GenerationRequest) -> Any:
+    """Admit the request. The engine raises admission errors (queue full -> 429, unknown
+    adapter -> 404, prompt too long -> 400, ...) here, before any header is sent, so they
+    are proper HTTP statuses; the returned GenerationStream yields text deltas."""
+    return await engine.stream(req)
 
 
-def _normalise(item: Any) -> StreamItem:
-    if isinstance(item, str):
-        return StreamItem(text=item)
-    if isinstance(item, GenerationResult):
-        return StreamItem(finish_reason=item.finish_reason, prompt_tokens=item.prompt_tokens,
-                          completion_tokens=item.completion_tokens)
-    get = item.get if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
-    text = get("text", None)
-    if text is None:
-        text = get("delta", "") or ""
-    usage = get("usage", None)
-    pt = get("prompt_tokens", None)
-    ct = get("completion_tokens", None)
-    if usage is not None:
-        uget = usage.get if isinstance(usage, dict) else (lambda k, d=None: getattr(usage, k, d))
-        pt = uget("prompt_tokens", pt)
-        ct = uget("completion_tokens", ct)
-    return StreamItem(text=text, finish_reason=get("finish_reason", None), prompt_tokens=pt,
-                      completion_tokens=ct)
-
-
-class EngineStream:
-    """The engine's stream, normalised, with its first item already pulled."""
-
-    def __init__(self, agen: Any):
-        self._agen = agen
-        self.first: StreamItem | None = None
-
-    def __aiter__(self) -> "EngineStream":
-        return self
-
-    async def __anext__(self) -> StreamItem:
-        return _normalise(await self._agen.__anext__())
-
-    async def aclose(self) -> None:
-        await _aclose(self._agen)
-
-
-async def open_stream(engine: Any, req: GenerationRequest) -> EngineStream:
-    """Start the engine's stream and pull its first item, so that admission errors (queue
-    full, unknown adapter, ...) still become a proper HTTP status instead of a broken stream."""
-    stream = EngineStream(engine.stream(req))
-    try:
-        stream.first = await stream.__anext__()
-    except StopAsyncIteration:
-        stream.first = None
-    except BaseException:
-        await stream.aclose()
-        raise
-    return stream
-
-
-async def _aclose(agen: Any) -> None:
-    aclose = getattr(agen, "aclose", None)
-    if aclose is not None:
-        try:
-            await aclose()
-        except Exception:  # pragma: no cover
-            pass
-
-
-async def sse_chat(*, state: AppState, stream: EngineStream,
-                   completion_id: str, created: int, model: str, include_usage: bool, adapter: bool,
-                   started: float) -> AsyncIterator[str]:
+async def sse_chat(*, state: AppState, stream: Any, completion_id: str, created: int, model: str,
+                   include_usage: bool, adapter: bool, started: float) -> AsyncIterator[str]:
     """SSE frames: role delta, content deltas, the finish chunk, optional usage chunk, [DONE].
     If the client goes away, Starlette cancels this generator; `finally` closes the engine
-    stream, which cancels the generation."""
-    prompt_tokens = completion_tokens = 0
-    finish: str | None = None
-    n_deltas = 0
-    ttft_seen = False
+    stream, which cancels the generation (its slot is freed at the next decode step)."""
+    kind = "adapter" if adapter else "base"
     try:
         yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
-
-        async def all_items():
-            if stream.first is not None:
-                yield stream.first
-            async for x in stream:
-                yield x
-
-        async for item in all_items():
-            if item.text:
-                if not ttft_seen:
-                    ttft_seen = True
-                    state.metrics.chat_ttft.labels("adapter" if adapter else "base").observe(
-                        time.perf_counter() - started)
-                n_deltas += 1
-                yield _chunk(completion_id, created, model, {"content": item.text}, None)
-            if item.prompt_tokens is not None:
-                prompt_tokens = item.prompt_tokens
-            if item.completion_tokens is not None:
-                completion_tokens = item.completion_tokens
-            if item.finish_reason is not None:
-                finish = item.finish_reason
-        completion_tokens = completion_tokens or n_deltas
-        yield _chunk(completion_id, created, model, {}, _finish(finish or "stop"))
+        first = True
+        async for delta in stream:
+            if not delta:
+                continue
+            if first:
+                first = False
+                state.metrics.chat_ttft.labels(kind).observe(time.perf_counter() - started)
+            yield _chunk(completion_id, created, model, {"content": delta}, None)
+        usage = dict(stream.usage)
+        yield _chunk(completion_id, created, model, {}, _finish(stream.finish_reason or "stop"))
         if include_usage:
-            yield _chunk(completion_id, created, model, {}, None, choices=False,
-                         usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens})
+            yield _chunk(completion_id, created, model, {}, None, choices=False, usage=usage)
         yield DONE
         state.metrics.observe_chat(adapter=adapter, stream=True, seconds=time.perf_counter() - started,
-                                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+                                   prompt_tokens=usage["prompt_tokens"],
+                                   completion_tokens=usage["completion_tokens"])
     except TuneserveError as exc:
         # Headers are gone: report in-band (the openai SDK raises on an `error` event).
         state.metrics.chat_errors.labels(exc.code or "error").inc()

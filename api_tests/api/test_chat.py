@@ -1,0 +1,234 @@
+"""Chat through the API on the real engine with the tiny ChatGLM3 fixture (CPU): the OpenAI
+chat.completion / chunk shapes, SSE framing, stream == non-stream under greedy decoding,
+adapters chosen per request and scoped to the tenant, /chat's two history shapes, 429 with
+Retry-After, and a client disconnect (real uvicorn) cancelling the generation."""
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.core.config import Settings
+
+from .conftest import AUTH_A, AUTH_B, KEY_A, KEY_B, REDIS_URL, assert_error
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "chatglm3-tiny"
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+MSG = [{"role": "user", "content": "类型#裙*材质#蕾丝"}]
+
+
+@pytest.fixture(scope="module")
+def engine_app(tmp_path_factory, redis_client):
+    data = tmp_path_factory.mktemp("chat")
+    settings = Settings(data_dir=data, redis_url=REDIS_URL, task_queue="tuneserve-apitest-chat",
+                        api_keys=f"{KEY_A}:alice,{KEY_B}:bob", engine_enabled=True,
+                        base_model=str(FIXTURE), load_in_4bit=False, device="cpu", max_batch_size=4,
+                        max_seq_len=128, adapter_gpu_budget_bytes=1 << 20)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert client.get("/readyz").json()["checks"]["engine"] == "ready"
+        yield app, client, settings
+
+
+@pytest.fixture(scope="module")
+def client(engine_app):
+    return engine_app[1]
+
+
+@pytest.fixture(scope="module")
+def base_name(client):
+    return client.get("/v1/models", headers=AUTH_A).json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def adapter(engine_app, base_name):
+    """A random non-zero PEFT LoRA published for alice (it visibly changes greedy outputs)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from service.models import load_model
+    app, client, settings = engine_app
+    engine = app.state.tuneserve.engine
+    base = load_model(engine.model_path, quantize_4bit=False, device="cpu")
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8.0, target_modules=TARGETS,
+                                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6)
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        app.state.tuneserve.registry.publish(tenant="alice", name="ft-ads-test", source_dir=Path(tmp), manifest={
+            "base_model": base_name, "target_modules": TARGETS, "r": 4, "lora_alpha": 8.0})
+    return "ft-ads-test"
+
+
+def complete(client, model, headers=AUTH_A, **kw):
+    body = {"model": model, "messages": MSG, "max_tokens": 12, "temperature": 0, **kw}
+    return client.post("/v1/chat/completions", headers=headers, json=body)
+
+
+def sse_events(client, model, headers=AUTH_A, **kw) -> list:
+    body = {"model": model, "messages": MSG, "max_tokens": 12, "temperature": 0, "stream": True, **kw}
+    with client.stream("POST", "/v1/chat/completions", headers=headers, json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert all(ln.startswith("data: ") for ln in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def test_non_stream_shape(client, base_name):
+    r = complete(client, base_name)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["model"] == base_name and isinstance(body["created"], int)
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    u = body["usage"]
+    assert u["prompt_tokens"] > 0 and 0 < u["completion_tokens"] <= 12
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_stream_matches_non_stream(client, base_name):
+    whole = complete(client, base_name).json()
+    events = sse_events(client, base_name, stream_options={"include_usage": True})
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" and e["id"] == events[0]["id"] for e in events)
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert content == whole["choices"][0]["message"]["content"]
+    finish = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    # without include_usage there is no usage chunk
+    assert all("usage" not in e for e in sse_events(client, base_name))
+
+
+def test_adapter_per_request_and_tenant_scoped(client, base_name, adapter):
+    base_text = complete(client, base_name).json()["choices"][0]["message"]["content"]
+    r = complete(client, adapter)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == adapter
+    assert r.json()["choices"][0]["message"]["content"] != base_text
+    ids = [m["id"] for m in client.get("/v1/models", headers=AUTH_A).json()["data"]]
+    assert ids == [base_name, adapter]
+    # bob: alice's adapter does not exist for him, on every chat route
+    assert_error(complete(client, adapter, headers=AUTH_B), 404, param="model", code="model_not_found")
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH_B,
+                       json={"model": adapter, "messages": MSG, "stream": True}) as r:
+        assert r.status_code == 404
+    assert_error(client.post("/chat", headers=AUTH_B, json={"adapter": adapter, "query": "x"}), 404,
+                 param="adapter")
+    assert [m["id"] for m in client.get("/v1/models", headers=AUTH_B).json()["data"]] == [base_name]
+    assert_error(complete(client, "no-such-model"), 404, param="model")
+    assert_error(complete(client, "../../etc/passwd"), 404, param="model")
+
+
+def test_simple_chat_both_history_shapes(client, base_name, adapter):
+    r = client.post("/chat", headers=AUTH_A, json={"query": "你好", "history": [["hi", "hello"]],
+                                                    "max_new_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["history"] == [["hi", "hello"], ["你好", body["response"]]]
+    assert body["usage"]["completion_tokens"] > 0 and body["model"] == base_name
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    r2 = client.post("/chat", headers=AUTH_A, json={"query": "你好", "history": msgs, "adapter": "",
+                                                     "max_new_tokens": 8, "temperature": 0}).json()
+    assert r2["history"] == msgs + [{"role": "user", "content": "你好"},
+                                    {"role": "assistant", "content": r2["response"]}]
+    assert r2["response"] == body["response"]  # same conversation, greedy: same answer
+    r3 = client.post("/chat", headers=AUTH_A, json={"query": "你好", "adapter": adapter,
+                                                     "max_new_tokens": 8, "temperature": 0}).json()
+    assert r3["model"] == adapter
+    assert_error(client.post("/chat", headers=AUTH_A, json={"query": "x", "history": [["only one"]]}), 400)
+    assert_error(client.post("/chat", headers=AUTH_A, json={"query": "x", "max_new_tokens": 0}), 400,
+                 param="max_new_tokens")
+
+
+def test_prompt_too_long_is_400(client, base_name):
+    r = client.post("/v1/chat/completions", headers=AUTH_A,
+                    json={"model": base_name, "messages": [{"role": "user", "content": "字" * 2000}]})
+    assert_error(r, 400, param="messages")
+
+
+def test_queue_full_is_429_with_retry_after(engine_app, base_name):
+    app, client, _ = engine_app
+    engine = app.state.tuneserve.engine
+    saved = engine.settings
+    engine.settings = saved.model_copy(update={"max_queue": 0})
+    try:
+        r = complete(client, base_name)
+        assert_error(r, 429, code="queue_full")
+        assert int(r.headers["retry-after"]) >= 1
+        with client.stream("POST", "/v1/chat/completions", headers=AUTH_A,
+                           json={"model": base_name, "messages": MSG, "stream": True}) as r:
+            assert r.status_code == 429 and "retry-after" in r.headers
+    finally:
+        engine.settings = saved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_disconnect_cancels_generation(engine_app, base_name):
+    """Real HTTP (uvicorn): read two chunks of a long stream, hang up, and the engine must
+    finish the request as cancelled and free its slot."""
+    import uvicorn
+    app, _, _ = engine_app
+    engine = app.state.tuneserve.engine
+    port = _free_port()
+    # The app's lifespan already ran under the TestClient; serve the same app without a second one.
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        before = engine.stats()["counters"].get("finish_cancelled", 0)
+        body = {"model": base_name, "messages": MSG, "max_tokens": 100, "temperature": 0, "stream": True,
+                "stop": ["\x00never"]}
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH_A,
+                             json=body) as r:
+                assert r.status_code == 200
+                seen = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        seen += 1
+                    if seen >= 3:
+                        break
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            st = engine.stats()
+            if st["counters"].get("finish_cancelled", 0) > before and st["running"] == 0:
+                break
+            time.sleep(0.05)
+        st = engine.stats()
+        assert st["counters"].get("finish_cancelled", 0) > before, st["counters"]
+        assert st["running"] == 0
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+def test_chat_metrics_recorded(client):
+    text = client.get("/metrics").text
+    assert 'tuneserve_chat_request_duration_seconds_count{kind="base",stream="false"}' in text
+    assert 'tuneserve_chat_time_to_first_token_seconds_count{kind="base"}' in text
+    assert "tuneserve_adapter_loads_total" in text and "tuneserve_engine_ready 1.0" in text
