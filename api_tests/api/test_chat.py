@@ -232,3 +232,20 @@ def test_chat_metrics_recorded(client):
     assert 'tuneserve_chat_request_duration_seconds_count{kind="base",stream="false"}' in text
     assert 'tuneserve_chat_time_to_first_token_seconds_count{kind="base"}' in text
     assert "tuneserve_adapter_loads_total" in text and "tuneserve_engine_ready 1.0" in text
+
+
+def test_chat_through_the_openai_sdk(client, base_name, adapter):
+    import openai
+    from openai import OpenAI
+    oa = OpenAI(api_key=KEY_A, base_url=str(client.base_url) + "/v1", http_client=client, max_retries=0)
+    whole = oa.chat.completions.create(model=adapter, messages=MSG, max_tokens=10, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens > 0
+    chunks = list(oa.chat.completions.create(model=adapter, messages=MSG, max_tokens=10, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+    assert [m.id for m in oa.models.list()] == [base_name, adapter]
+    with pytest.raises(openai.NotFoundError):
+        OpenAI(api_key=KEY_B, base_url=str(client.base_url) + "/v1", http_client=client,
+               max_retries=0).chat.completions.create(model=adapter, messages=MSG)
