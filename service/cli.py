@@ -207,7 +207,7 @@ def convert_chatglm3_cmd(src: Annotated[str, typer.Argument(help="ChatGLM3 check
 
         try:
             out = convert(src, dst, progress=progress)
-        except (TuneserveError, FileNotFoundError, ValueError) as exc:
+        except (TuneserveError, OSError, ValueError) as exc:
             raise _fail(f"conversion failed: {exc}")
     console.print(f"[green]converted[/] {src} -> {out or dst}")
 
