@@ -179,6 +179,15 @@ def test_list_pagination_get_cancel_events(client):
 
     ck = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=AUTH_A).json()
     assert ck == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+    settings = client.app.state.settings
+    for step, loss in ((5, 2.5), (10, 1.5)):  # the worker's on-disk checkpoint layout
+        d = settings.jobs_dir / job_id / "checkpoints" / f"step-{step}"
+        d.mkdir(parents=True)
+        (d / "state.json").write_text(json.dumps({"step": step, "created_at": 1700000000 + step, "loss": loss}))
+    ck = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", headers=AUTH_A).json()
+    assert [c["step_number"] for c in ck["data"]] == [10, 5]
+    assert ck["data"][0]["object"] == "fine_tuning.job.checkpoint" and ck["data"][0]["metrics"]["train_loss"] == 1.5
+    assert ck["data"][0]["fine_tuning_job_id"] == job_id and ck["data"][0]["created_at"] == 1700000010
 
     r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=AUTH_A)
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]

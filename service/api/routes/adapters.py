@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from service.api.deps import RegistryDep, StateDep, TenantDep
 from service.api.routes.models import _evict
 from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic
-from service.core.errors import InvalidInput, NotFound
+from service.core.errors import InvalidInput, NotFound, ServiceUnavailable
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -67,7 +67,11 @@ def _build_export(adapter_dir: Path, fmt: str, archive: str, stem: str) -> Path:
     try:
         content = work / stem
         if fmt == "chatglm3":
-            from service.models.export import export_adapter_chatglm3  # lazy: may import torch
+            try:
+                from service.models.export import export_adapter_chatglm3  # lazy: imports torch
+            except ImportError as exc:
+                raise ServiceUnavailable("chatglm3 export is not available on this server; use format=peft",
+                                         param="format", code="export_unavailable") from exc
             export_adapter_chatglm3(adapter_dir, content)
         else:  # the registry's own PEFT pair + manifest
             content.mkdir()

@@ -183,18 +183,15 @@ def list_events(job_id: str, tenant: TenantDep, store: StoreDep,
     return JobEventList(data=[JobEventPublic.from_domain(e) for e in events], has_more=has_more)
 
 
-def _checkpoint_public(job_id: str, item: Any) -> CheckpointPublic:
-    get = item.get if isinstance(item, dict) else (lambda k, d=None: getattr(item, k, d))
-    step = int(get("step", None) or get("step_number", 0) or 0)
-    metrics = get("metrics", None) or {}
-    if not isinstance(metrics, dict):
-        metrics = dict(metrics)
-    created = get("created_at", None)
-    created_unix = unix(created) if hasattr(created, "timestamp") else int(created or 0)
+def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
+    """One entry of workers.training.list_checkpoints: step, created_at (unix s), loss, eval_loss, ..."""
+    step = int(item.get("step") or 0)
+    created = item.get("created_at")
+    metrics = CheckpointMetrics(step=float(step), train_loss=item.get("loss"), valid_loss=item.get("eval_loss"))
     return CheckpointPublic(
-        id=f"ftckpt-{job_id.split('-', 1)[-1]}-{step}", created_at=created_unix,
-        fine_tuned_model_checkpoint=f"{job_id}:ckpt-{step}", fine_tuning_job_id=job_id,
-        step_number=step, metrics=CheckpointMetrics(step=float(step), **metrics))
+        id=f"ftckpt-{job_id.split('-', 1)[-1]}-{step}", created_at=int(created or 0),
+        fine_tuned_model_checkpoint=f"{job_id}:step-{step}", fine_tuning_job_id=job_id,
+        step_number=step, metrics=metrics)
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
@@ -204,9 +201,10 @@ def list_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep, settings: 
     store.get_job(job_id, tenant)
     job_dir = settings.jobs_dir / job_id
     items: list[Any] = []
-    if job_dir.is_dir():
-        # Lazy: the training package may import torch; the API pays that only here.
-        from workers.training import list_checkpoints as _list
+    if (job_dir / "checkpoints").is_dir():
+        # Lazy: the checkpoint module imports torch; the API pays that only here, only when
+        # the job has checkpoints on this host.
+        from workers.training.checkpoint import list_checkpoints as _list
         items = list(_list(job_dir))
     data = sorted((_checkpoint_public(job_id, it) for it in items), key=lambda c: c.step_number, reverse=True)
     if after is not None:
