@@ -110,13 +110,32 @@ class InferenceEngine:
         self._slot_tensors: dict[tuple[int, ...], Any] = {}
         self.counters = collections.Counter()
 
-    @staticmethod
-    def _public_name(ref: str) -> str:
+    def _demo_dir(self) -> Path:
+        return (self.settings.models_dir / "demo").absolute()
+
+    def _public_name(self, ref: str) -> str:
+        """The name clients use for the base: the hub id, DEMO_MODEL_NAME for the demo model,
+        else a local directory's last component."""
         if not ref:
             import torch
             return CHATGLM3_HUB_ID if torch.cuda.is_available() else DEMO_MODEL_NAME
-        path = Path(ref)
-        return path.name if (path.is_absolute() or ref.startswith(".")) and path.name else ref
+        path = Path(ref).expanduser()
+        if path.absolute() == self._demo_dir():
+            return DEMO_MODEL_NAME
+        return path.name if path.is_dir() and path.name else ref
+
+    def _auto_ref(self) -> str:
+        """DESIGN.md's rule for an empty TUNESERVE_BASE_MODEL (as the launcher applies it)."""
+        if self._ref:
+            return self._ref
+        import torch
+        if torch.cuda.is_available():
+            return CHATGLM3_HUB_ID
+        demo = self._demo_dir()
+        if not (demo / "config.json").exists():
+            from service.models import build_demo_model
+            demo = Path(build_demo_model(demo))
+        return str(demo)
 
     # ----------------------------------------------------------------------------------
     # lifecycle
@@ -136,7 +155,7 @@ class InferenceEngine:
 
         self.device = _resolve_device(self._device_pref)
         settings = self.settings
-        path = Path(models.resolve_base_model(self._ref, settings.models_dir))
+        path = Path(models.resolve_base_model(self._auto_ref(), settings.models_dir))
         self.model_path = path
         self.tokenizer = models.load_tokenizer(path)
         model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
@@ -183,8 +202,10 @@ class InferenceEngine:
         self._free = list(range(settings.max_batch_size))
         heapq.heapify(self._free)
         served = {n.rsplit(".", 1)[-1] for n in runner.wrapped}
-        names = {self.base_model_name, self._ref, str(path), Path(path).name,
-                 str(getattr(model.config, "_name_or_path", "") or "")}
+        names = {self.base_model_name, self._ref, Path(self._ref).name if self._ref else "",
+                 str(path), Path(path).name, str(getattr(model.config, "_name_or_path", "") or "")}
+        if self.base_model_name == DEMO_MODEL_NAME:
+            names.add(str(self._demo_dir()))
         identity = BaseIdentity(names, fingerprint, served)
         self._cache = AdapterCache(
             self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,

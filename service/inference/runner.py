@@ -32,7 +32,8 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_slots: int, max_seq_len: int,
                  lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
-                 cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96):
+                 cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
+                 max_lora_columns: int = 4096):
         self.model = model.eval()
         self.device = torch.device(device)
         self.inner = model.base_model  # the decoder stack (GlmModel for GlmForCausalLM)
@@ -51,7 +52,8 @@ class ModelRunner:
         targets = find_target_modules(model, lora_targets)
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.bytes_per_column = sum((m.in_features + m.out_features) * elem for m in targets.values()) or 1
-        self.capacity = max(0, int(lora_budget_bytes) // self.bytes_per_column)
+        # Capped: past a few thousand rank columns the per-slot masks grow with no use.
+        self.capacity = max(0, min(max_lora_columns, int(lora_budget_bytes) // self.bytes_per_column))
         self.ctx = LoRAContext()
         self.wrapped = install(model, lora_targets, self.capacity, self.dtype, self.device, self.ctx)
         self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}

@@ -22,51 +22,66 @@ TOKEN, END, ERROR = "token", "end", "error"
 class TextTracker:
     """Incremental detokenization with stop strings.
 
-    Each step decodes all generated ids (so the concatenated deltas always equal the final
-    decode, including SentencePiece's leading-space rules), holds back an incomplete UTF-8
-    tail (U+FFFD at the end) and any tail that could be the start of a stop string, and
-    trims at the first complete stop string.
+    Decoding is windowed (as vLLM's detokenizer): each new token decodes only the ids since
+    the last stable point, twice (with and without the new token), and the difference is the
+    new text. Earlier text is never re-decoded, so what was sent is never contradicted and
+    the concatenated deltas are the answer. A window ending in U+FFFD (an incomplete UTF-8
+    byte sequence) waits for the next token. Tail text that could be the start of a stop
+    string is held back; text is cut at the first complete stop string.
     """
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        self._max_stop = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
-        self.emitted = ""  # text already handed out
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""     # stable text so far (emitted + held back)
+        self.emitted = ""  # text handed out
         self.stopped = False
 
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _stable_delta(self, final: bool) -> str:
+        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
+        new = self._decode(self.ids[self._prefix_offset:])
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            return new[len(prefix):]
+        return ""
 
     def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
-        text = self._decode()
+        self.text += self._stable_delta(final=False)
+        return self._release(final=False)
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        self.text += self._stable_delta(final=True)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        text, safe = self.text, len(self.text)
         if self.stop:
-            start = max(0, len(self.emitted) - max(map(len, self.stop)) + 1)
+            start = max(0, len(self.emitted) - self._max_stop + 1)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
-                return self._advance(text[: min(hits)])
-        if text.endswith("\ufffd"):
-            text = text.rstrip("\ufffd")
-        hold = 0
-        for s in self.stop:  # longest tail of text that is a proper prefix of a stop string
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        return self._advance(text[: len(text) - hold])
-
-    def flush(self) -> str:
-        return "" if self.stopped else self._advance(self._decode())
-
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
-            # Nothing new, or the decoder rewrote earlier text (never seen with our
-            # tokenizers); never take back what was sent.
-            return "" if len(text) <= len(self.emitted) else text[len(self.emitted):]
-        delta = text[len(self.emitted):]
-        self.emitted = text
+                safe = min(hits)
+                self.text = text[:safe]
+            elif not final:
+                for s in self.stop:  # longest tail that is a proper prefix of a stop string
+                    for k in range(min(len(s) - 1, len(text)), 0, -1):
+                        if text.endswith(s[:k]):
+                            safe = min(safe, len(text) - k)
+                            break
+        delta = text[len(self.emitted):max(safe, len(self.emitted))]
+        self.emitted += delta
         return delta
 
 
@@ -115,6 +130,11 @@ class GenerationStream:
     @property
     def text(self) -> str:
         return self._text.emitted
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Generated token ids so far (stop tokens excluded)."""
+        return list(self._text.ids)
 
     @property
     def done(self) -> bool:

@@ -1,0 +1,93 @@
+"""Shared helpers for the inference engine tests: tiny ChatGLM3 base, random PEFT adapters
+published into a real AdapterRegistry, engines on the CPU, and reference answers."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import tempfile
+from pathlib import Path
+
+import torch
+
+from service.core.config import Settings
+from service.core.domain import ChatMessage, GenerationRequest, SamplingParams
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "chatglm3-tiny"
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+
+PROMPTS = ["类型#裙*材质#蕾丝", "Write one line about a red coat.", "再短一点", "Hello world 2023",
+           "类型#上衣*版型#宽松*颜色#黑色"]
+
+
+def run(coro, timeout: float = 120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def request(prompt: str, adapter: str = "__base__", *, tenant: str = "t1", max_tokens: int = 24,
+            timeout_s: float | None = None, **params) -> GenerationRequest:
+    params.setdefault("temperature", 0.0)
+    return GenerationRequest(tenant=tenant, adapter=adapter,
+                             messages=[ChatMessage(role="user", content=prompt)],
+                             params=SamplingParams(max_tokens=max_tokens, **params), timeout_s=timeout_s)
+
+
+def engine_settings(data_dir: Path, base: Path, **kw) -> Settings:
+    defaults = dict(data_dir=data_dir, base_model=str(base), load_in_4bit=False, max_batch_size=4,
+                    max_seq_len=96, max_queue=256, adapter_gpu_budget_bytes=1 << 20, device="cpu",
+                    cuda_graphs=False)
+    defaults.update(kw)
+    return Settings(**defaults)
+
+
+def make_peft_adapter(base_model, out_dir: Path, *, seed: int, r: int = 4, alpha: float = 8.0,
+                      targets=TARGETS, std: float = 0.6) -> Path:
+    """A PEFT LoRA with random non-zero A and B (init_lora_weights=False would leave B... we
+    set both explicitly so the adapter visibly changes greedy outputs)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(base_model)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def publish(registry, base_model, *, tenant: str, name: str, seed: int, r: int = 4, alpha: float = 8.0,
+            targets=TARGETS, base_model_name: str = "chatglm3-tiny", manifest_targets=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        src = make_peft_adapter(base_model, Path(tmp) / "a", seed=seed, r=r, alpha=alpha, targets=targets)
+        return registry.publish(tenant=tenant, name=name, source_dir=src, manifest={
+            "base_model": base_model_name, "target_modules": list(manifest_targets or targets),
+            "r": r, "lora_alpha": alpha})
+
+
+def peft_greedy(base_model, adapter_dir: Path | None, prompt_ids: list[int], stop_ids: list[int],
+                max_new_tokens: int) -> list[int]:
+    """Reference: plain PEFT `generate` (greedy) with the adapter, as the lecture serves."""
+    from peft import PeftModel
+
+    model = copy.deepcopy(base_model)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                             dtype=torch.long), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=list(stop_ids), pad_token_id=0)
+    ids = out[0, len(prompt_ids):].tolist()
+    if ids and ids[-1] in stop_ids:
+        ids = ids[:-1]
+    return ids
+
+
+async def generate_with_ids(engine, req):
+    """(result, generated token ids, deltas) through the streaming API."""
+    stream = await engine.stream(req)
+    deltas = [d async for d in stream]
+    assert "".join(deltas) == stream.result.text
+    return stream.result, stream.token_ids, deltas
