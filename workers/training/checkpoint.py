@@ -1,0 +1,143 @@
+"""Checkpoints: `work_dir/checkpoints/step-N/` holding the LoRA weights (PEFT format), the
+optimizer and scheduler states, every RNG state and the data position — everything a
+redelivered job needs to continue as if it had never stopped.
+
+A checkpoint is written into `checkpoints/.tmp-step-N-<pid>/`, fsynced, then renamed; only
+directories named `step-N` that contain `state.json` (written last) count as complete, so a
+worker killed mid-write leaves nothing a resume could trust.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+KEEP_LAST = 3
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
+                    keep_last: int = KEEP_LAST) -> Path:
+    """Write step-N atomically; prune older complete checkpoints beyond `keep_last`."""
+    root = Path(work_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.save_pretrained(str(tmp))  # adapter_config.json + adapter_model.safetensors
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        full = dict(state, step=step, created_at=time.time())
+        (tmp / STATE).write_text(json.dumps(full, indent=1))
+        _fsync_dir_files(tmp)
+        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in _complete(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _step_of(d: Path) -> int | None:
+    name = d.name
+    if not name.startswith("step-"):
+        return None
+    try:
+        return int(name[5:])
+    except ValueError:
+        return None
+
+
+def _complete(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and _step_of(d) is not None and (d / STATE).is_file()]
+    return sorted(dirs, key=_step_of)
+
+
+def latest_checkpoint(work_dir: Path) -> Path | None:
+    dirs = _complete(Path(work_dir) / CHECKPOINTS)
+    return dirs[-1] if dirs else None
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt) / STATE).read_text())
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: str) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and RNG from `ckpt`; return its state.json."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    weights = load_file(str(ckpt / "adapter_model.safetensors"), device="cpu")
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model: {unexpected[:3]}")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return read_state(ckpt)
+
+
+def list_checkpoints(work_dir: Path) -> list[dict[str, Any]]:
+    """Complete checkpoints, oldest first: step, path, created_at (unix s), loss (of that step)."""
+    out = []
+    for d in _complete(Path(work_dir) / CHECKPOINTS):
+        try:
+            st = read_state(d)
+        except (OSError, ValueError):
+            continue
+        out.append({"step": int(st.get("step", _step_of(d) or 0)), "path": str(d),
+                    "created_at": st.get("created_at"), "loss": st.get("loss"),
+                    "eval_loss": st.get("eval_loss"), "epoch": st.get("epoch_float"),
+                    "total_steps": st.get("total_steps")})
+    return out
+
+
+def remove_checkpoints(work_dir: Path) -> None:
+    shutil.rmtree(Path(work_dir) / CHECKPOINTS, ignore_errors=True)

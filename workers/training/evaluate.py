@@ -1,0 +1,108 @@
+"""After training: validation loss, and greedy generation on validation prompts with the base
+(adapter disabled) and with the adapter, scored with BLEU-4 / ROUGE (metrics.py) and shown
+side by side like the lecture's before/after comparison."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from workers.training.data import Example
+from workers.training.metrics import METRIC_DESCRIPTIONS, corpus_scores
+from workers.training.model import autocast, micro_batch_loss_sum
+from workers.training.packing import micro_batches
+
+
+@torch.no_grad()
+def validation_loss(model, examples: Sequence[Example], *, device: str, token_budget: int, packing: bool,
+                    rows: int, pad_id: int, max_examples: int | None = None) -> float:
+    """Mean token cross-entropy over the validation examples' label tokens (eval mode)."""
+    was = model.training
+    model.eval()
+    try:
+        exs = list(examples[:max_examples] if max_examples else examples)
+        total, n = 0.0, 0
+        for mb in micro_batches(exs, packing=packing, token_budget=token_budget, rows=rows, pad_id=pad_id):
+            mb = mb.to(device)
+            with autocast(device):
+                total += float(micro_batch_loss_sum(model, mb))
+            n += mb.n_label_tokens
+        return total / max(n, 1)
+    finally:
+        model.train(was)
+
+
+def prompts_and_references(conversations: Sequence[Sequence[dict]], limit: int) -> list[tuple[list[dict], str]]:
+    """(history up to the last assistant turn, that turn's content) for conversations ending in a reply."""
+    out = []
+    for conv in conversations:
+        if len(out) >= limit:
+            break
+        if len(conv) >= 2 and conv[-1].get("role") == "assistant":
+            out.append((list(conv[:-1]), conv[-1]["content"]))
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, histories: Sequence[Sequence[dict]], *, device: str, max_new_tokens: int,
+             max_prompt_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy replies, batched with left padding (stop at the family's stop ids)."""
+    from service.models import render_chat, stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    prompts = [render_chat(tokenizer, h, add_generation_prompt=True)[-max_prompt_tokens:] for h in histories]
+    # Longest first so each batch pads little; answers are put back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        L = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i]
+            ids[r, L - len(p):] = torch.tensor(p)
+            mask[r, L - len(p):] = 1
+        with autocast(device):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=pad, use_cache=True)
+        for r, i in enumerate(idx):
+            new = out[r, L:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stops), len(new))
+            texts[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+    return texts
+
+
+def before_after(model, tokenizer, conversations: Sequence[Sequence[dict]], *, device: str,
+                 max_samples: int, max_new_tokens: int, max_prompt_tokens: int, split: str,
+                 batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Generate with the base and the adapter on the same prompts; metrics for both + the table."""
+    pairs = prompts_and_references(conversations, max_samples)
+    if not pairs:
+        return {"split": split, "n_samples": 0, "note": "no conversation ending in an assistant reply"}
+    histories = [h for h, _ in pairs]
+    refs = [r for _, r in pairs]
+    was = model.training
+    model.eval()
+    try:
+        if log:
+            log(f"evaluating on {len(pairs)} {split} prompts: base model")
+        with model.disable_adapter():
+            base = generate(model, tokenizer, histories, device=device, max_new_tokens=max_new_tokens,
+                            max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+        if log:
+            log(f"evaluating on {len(pairs)} {split} prompts: adapter")
+        tuned = generate(model, tokenizer, histories, device=device, max_new_tokens=max_new_tokens,
+                         max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+    finally:
+        model.train(was)
+    table = [{"prompt": next((m["content"] for m in reversed(h) if m.get("role") == "user"), ""),
+              "reference": r, "base": b, "adapter": a}
+             for h, r, b, a in zip(histories, refs, base, tuned)]
+    return {"split": split, "n_samples": len(pairs), "generation": {"greedy": True,
+                                                                    "max_new_tokens": max_new_tokens},
+            "base": corpus_scores(base, refs), "adapter": corpus_scores(tuned, refs),
+            "metric_descriptions": METRIC_DESCRIPTIONS, "before_after": table}

@@ -1,0 +1,293 @@
+"""The memory plan: micro-batch size (tokens), gradient accumulation and gradient
+checkpointing, chosen before training from the memory budget, the model's shape and the
+data's lengths, so that the job keeps its effective batch (spec.batch_size rows per
+optimizer step) and either fits or fails fast with `invalid_plan`.
+
+The memory model (bytes; `c` = compute bytes per element: 2 for bf16 on CUDA, 4 for fp32 on CPU)
+
+  fixed    = NF4 weights      quantized_params * (0.5 + 1/64 + 4/(64*256))   (4-bit codes,
+                              8-bit absmax per 64-block, fp32 absmax per 256 blocks: double quant)
+           + frozen dense     dense_params * c        (embeddings, lm_head, norms, biases; kept in
+                              the compute dtype, see model.py)
+           + LoRA training    lora_params * 16        (fp32 weight + grad + AdamW m and v)
+           + runtime reserve  RESERVE_BYTES           (CUDA/cuBLAS workspaces, allocator slack)
+  per token, per decoder layer, what autograd keeps for backward (bf16):
+      A = NORM_COEF*c*h (two RMSNorms: input, fp32 internals, output)
+        + c*(q + 2kv) (q/k/v outputs) + c*(q + kv) (rotary) + c*4q (sdpa: q, k and v repeated
+          to all heads, output)
+        + (1 + c) * sum(in_features of LoRA-targeted modules)  (dropout mask + lora_A input)
+        + c*4f (SwiGLU: gate|up, act, product)
+  activations(T tokens) = T * (L*A + A*BWD_TRANSIENT)               without checkpointing
+                        = T * (L*c*h + A*(1 + BWD_TRANSIENT))      with checkpointing
+                          (layer inputs kept, one layer recomputed at a time)
+  + T * EXTRA_PER_TOKEN_H * h * c (embeddings, final norm, hidden states at label positions)
+  + logits: the loss is computed in chunks of CE_CHUNK label tokens:
+      CE_CHUNK * V * (c + 4 + 4 + c) (logits, fp32 upcast, fp32 grad, grad in compute dtype)
+  + packed attention mask (sdpa, boolean + additive copy): T^2 * (1 + c)
+
+Plan = largest micro-batch T (capped by the largest step's tokens and MAX_MICRO_TOKENS) for
+which fixed + activations(T) <= budget * (1 - SLACK). Checkpointing is chosen, when allowed,
+by an explicit cost model: a micro-step costs `passes` dequantizations of the NF4 weights
+(2 without checkpointing, 3 with: forward, recompute, backward) plus `units` forward-FLOP
+units per token (2 vs 3), so small micro-batches without checkpointing can beat large ones
+with it (and vice versa on small cards). The constants are coarse and stated; bench/training.py
+prints predicted vs measured peak so they can be checked on a real card.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from service.core.domain import TrainingSpec
+from service.core.errors import TrainingError
+
+GiB = 2**30
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+LORA_BYTES_PER_PARAM = 16
+RESERVE_BYTES = int(0.75 * GiB)
+SLACK = 0.08               # fraction of the budget never planned (fragmentation)
+NORM_COEF = 10             # bytes per hidden element per RMSNorm, over c=1 (see docstring)
+BWD_TRANSIENT = 0.5        # extra of one layer's activations alive during its backward
+EXTRA_PER_TOKEN_H = 8
+CE_CHUNK = 512
+MAX_MICRO_TOKENS = 16384   # one packed row: attention cost grows with T^2
+CPU_BUDGET_DEFAULT = 64 * GiB
+# Cost model (H100-class; only the ratio matters for choosing checkpointing):
+DEQUANT_S_PER_PARAM = 1.93e-12    # bnb NF4 dequantize pass (SEED_BASELINE: 5.71e9 params ~ 11 ms)
+FLOPS = 400e12                    # effective bf16 matmul throughput
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    q_dim: int         # n_heads * head_dim
+    kv_dim: int        # n_kv_heads * head_dim (one of k, v)
+    quantized_params: int
+    dense_params: int
+    lora_params: int
+    lora_in_per_layer: int  # sum of in_features of LoRA-targeted Linear modules, per layer
+
+    @property
+    def total_params(self) -> int:
+        return self.quantized_params + self.dense_params
+
+
+def _match_target(name: str, targets: Sequence[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def model_shape(config, target_modules: Sequence[str], lora_r: int, quantize: bool = True) -> ModelShape:
+    """Shape of a transformers causal LM from its config (instantiated on the meta device:
+    no memory, exact parameter counts for any architecture transformers knows)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    out_emb = model.get_output_embeddings()
+    quantized = dense = lora = lora_in = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            is_head = mod is out_emb
+            w = mod.weight.numel()
+            b = mod.bias.numel() if mod.bias is not None else 0
+            if quantize and not is_head:
+                quantized += w
+                dense += b
+            else:
+                dense += w + b
+            if _match_target(name, target_modules) and not is_head:
+                lora += lora_r * (mod.in_features + mod.out_features)
+                lora_in += mod.in_features
+        elif not list(mod.children()):
+            dense += sum(p.numel() for p in mod.parameters(recurse=False))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = text.hidden_size
+    L = text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return ModelShape(hidden=h, layers=L, intermediate=getattr(text, "intermediate_size", 4 * h),
+                      vocab=text.vocab_size, q_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
+                      quantized_params=quantized, dense_params=dense, lora_params=lora,
+                      lora_in_per_layer=lora_in // max(L, 1))
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    compute_bytes: int = 2  # 2 = bf16 (CUDA), 4 = fp32 (CPU)
+    quantized: bool = True
+
+    def fixed_bytes(self, s: ModelShape) -> int:
+        c = self.compute_bytes
+        w = s.quantized_params * (NF4_BYTES_PER_PARAM if self.quantized else c)
+        return int(w + s.dense_params * c + s.lora_params * LORA_BYTES_PER_PARAM + RESERVE_BYTES)
+
+    def layer_bytes_per_token(self, s: ModelShape) -> float:
+        c = self.compute_bytes
+        return (NORM_COEF * c * s.hidden + c * (s.q_dim + 2 * s.kv_dim) + c * (s.q_dim + s.kv_dim)
+                + c * 4 * s.q_dim + (1 + c) * s.lora_in_per_layer + c * 4 * s.intermediate)
+
+    def per_token_bytes(self, s: ModelShape, checkpointing: bool) -> float:
+        c = self.compute_bytes
+        a = self.layer_bytes_per_token(s)
+        if checkpointing:
+            acts = s.layers * c * s.hidden + a * (1 + BWD_TRANSIENT)
+        else:
+            acts = s.layers * a + a * BWD_TRANSIENT
+        return acts + EXTRA_PER_TOKEN_H * s.hidden * c
+
+    def ce_bytes(self, s: ModelShape) -> int:
+        c = self.compute_bytes
+        return int(CE_CHUNK * s.vocab * (c + 4 + 4 + c))
+
+    def mask_bytes(self, tokens: int) -> int:
+        return int(tokens * tokens * (1 + self.compute_bytes))
+
+    def peak_bytes(self, s: ModelShape, tokens: int, checkpointing: bool, packed: bool = True) -> int:
+        return int(self.fixed_bytes(s) + tokens * self.per_token_bytes(s, checkpointing)
+                   + self.ce_bytes(s) + (self.mask_bytes(tokens) if packed else 0))
+
+    def max_tokens(self, s: ModelShape, budget: int, checkpointing: bool, packed: bool = True) -> int:
+        """Largest T with peak_bytes(T) <= budget*(1-SLACK) (solves the quadratic mask term)."""
+        room = budget * (1 - SLACK) - self.fixed_bytes(s) - self.ce_bytes(s)
+        if room <= 0:
+            return 0
+        a = self.mask_bytes(1) if packed else 0
+        b = self.per_token_bytes(s, checkpointing)
+        t = room / b if a == 0 else (-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)
+        return max(0, int(t))
+
+
+@dataclass
+class MemoryPlan:
+    packing: bool
+    gradient_checkpointing: bool
+    micro_batch_tokens: int          # token budget of one micro-step (packed row length cap)
+    micro_batch_rows: int            # rows per micro-step in padded mode
+    gradient_accumulation_steps: int  # expected micro-steps per optimizer step (varies with lengths)
+    effective_batch_size: int         # rows per optimizer step (all ranks)
+    world_size: int
+    budget_bytes: int
+    fixed_bytes: int
+    per_token_bytes: int
+    predicted_peak_bytes: int
+    max_example_tokens: int
+    mean_example_tokens: float
+    predicted_tokens_per_s: float | None = None
+    reason: str = ""
+    candidates: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["budget_gib"] = round(self.budget_bytes / GiB, 2)
+        d["predicted_peak_gib"] = round(self.predicted_peak_bytes / GiB, 2)
+        return d
+
+    def summary(self) -> str:
+        return (f"memory plan: {'packed' if self.packing else 'padded'} micro-batches of "
+                f"<= {self.micro_batch_tokens} tokens"
+                + ("" if self.packing else f" ({self.micro_batch_rows} rows)")
+                + f", ~{self.gradient_accumulation_steps} micro-steps per step of "
+                f"{self.effective_batch_size} rows, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}; predicted peak "
+                f"{self.predicted_peak_bytes / GiB:.1f} of {self.budget_bytes / GiB:.1f} GiB")
+
+
+def device_budget(device: str) -> int:
+    """Bytes the run may use: free CUDA memory, or (CPU) a large share of physical memory."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(max(phys * 0.8, 1 * GiB))
+    except (ValueError, OSError):
+        return CPU_BUDGET_DEFAULT
+
+
+def _step_time(s: ModelShape, step_tokens: float, micro_tokens: int, checkpointing: bool) -> float:
+    n_micro = max(1, math.ceil(step_tokens / max(micro_tokens, 1)))
+    passes, units = (3, 3) if checkpointing else (2, 2)
+    dequant = n_micro * passes * s.quantized_params * DEQUANT_S_PER_PARAM
+    compute = step_tokens * units * 2 * s.total_params / FLOPS
+    return dequant + compute
+
+
+def choose_plan(shape: ModelShape, lengths: Sequence[int], spec: TrainingSpec, budget_bytes: int, *,
+                memory: MemoryModel | None = None, world_size: int = 1,
+                packing_supported: bool = True) -> MemoryPlan:
+    """Pick the plan (see module docstring). Raises TrainingError(code="invalid_plan") when even
+    one longest example cannot be trained within the budget."""
+    memory = memory or MemoryModel()
+    if not lengths:
+        raise TrainingError("no examples to plan for", code="invalid_data")
+    packing = bool(spec.packing and packing_supported)
+    max_len = max(lengths)
+    mean_len = sum(lengths) / len(lengths)
+    rows_per_rank = math.ceil(spec.batch_size / world_size)
+    worst_step = sum(sorted(lengths, reverse=True)[:rows_per_rank])
+    avg_step = mean_len * min(rows_per_rank, len(lengths))
+
+    # A user-fixed micro-batch (rows) or accumulation pins the micro-batch size.
+    fixed_rows = spec.micro_batch_size
+    if fixed_rows is None and spec.gradient_accumulation_steps:
+        fixed_rows = max(1, math.ceil(rows_per_rank / spec.gradient_accumulation_steps))
+    gc_options = [False, True] if spec.gradient_checkpointing == "auto" else [bool(spec.gradient_checkpointing)]
+
+    candidates = []
+    for gc in gc_options:
+        cap = memory.max_tokens(shape, budget_bytes, gc, packed=packing)
+        if fixed_rows is not None:
+            tokens = fixed_rows * max_len
+            feasible = tokens <= cap
+        else:
+            tokens = min(cap, max(worst_step, max_len), max(MAX_MICRO_TOKENS, max_len))
+            feasible = tokens >= max_len
+        if not packing:
+            rows = max(1, min(rows_per_rank, fixed_rows or tokens // max(max_len, 1)))
+            tokens = rows * max_len if feasible else tokens
+        else:
+            rows = max(1, min(rows_per_rank, tokens // max(max_len, 1)))
+        t = _step_time(shape, avg_step, tokens, gc) if feasible else None
+        candidates.append({"gradient_checkpointing": gc, "max_tokens": cap, "micro_batch_tokens": tokens,
+                           "micro_batch_rows": rows, "feasible": feasible,
+                           "predicted_peak_bytes": memory.peak_bytes(shape, tokens, gc, packing),
+                           "predicted_tokens_per_s": round(avg_step / t, 1) if t else None})
+    ok = [c for c in candidates if c["feasible"]]
+    if not ok:
+        need = memory.peak_bytes(shape, max_len if fixed_rows is None else fixed_rows * max_len,
+                                 True if True in gc_options else False, packing)
+        what = (f"micro_batch_size={fixed_rows} rows of {max_len} tokens" if fixed_rows is not None
+                else f"one example of {max_len} tokens (the longest)")
+        raise TrainingError(
+            f"impossible memory plan: {what} needs about {need / GiB:.1f} GiB "
+            f"(model {memory.fixed_bytes(shape) / GiB:.1f} GiB) but the budget is "
+            f"{budget_bytes / GiB:.1f} GiB; lower max_source_length/max_target_length"
+            + (", micro_batch_size" if fixed_rows is not None else "")
+            + (", or allow gradient_checkpointing" if True not in gc_options else "")
+            + ", or use a larger GPU", code="invalid_plan", param="hyperparameters")
+    best = max(ok, key=lambda c: c["predicted_tokens_per_s"])
+    tokens, gc = best["micro_batch_tokens"], best["gradient_checkpointing"]
+    if packing:
+        accum = max(1, math.ceil(avg_step / tokens))
+    else:
+        accum = max(1, math.ceil(rows_per_rank / best["micro_batch_rows"]))
+    why = ("micro-batch fixed by the spec" if fixed_rows is not None else
+           "largest micro-batch that fits; checkpointing by the cost model"
+           if len(ok) > 1 else "only feasible checkpointing setting")
+    return MemoryPlan(
+        packing=packing, gradient_checkpointing=gc, micro_batch_tokens=tokens,
+        micro_batch_rows=best["micro_batch_rows"], gradient_accumulation_steps=accum,
+        effective_batch_size=spec.batch_size, world_size=world_size, budget_bytes=int(budget_bytes),
+        fixed_bytes=memory.fixed_bytes(shape), per_token_bytes=int(memory.per_token_bytes(shape, gc)),
+        predicted_peak_bytes=best["predicted_peak_bytes"], max_example_tokens=max_len,
+        mean_example_tokens=round(mean_len, 1), predicted_tokens_per_s=best["predicted_tokens_per_s"],
+        reason=why, candidates=candidates)
