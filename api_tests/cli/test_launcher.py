@@ -92,7 +92,7 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
     env.update(TUNESERVE_DATA_DIR=str(tmp_path / "data"), TUNESERVE_REDIS_URL=redis_url,
-               TUNESERVE_PORT=str(port), COLUMNS="200", CUDA_VISIBLE_DEVICES="", TUNESERVE_ENGINE_ENABLED="false")
+               TUNESERVE_PORT=str(port), COLUMNS="200", CUDA_VISIBLE_DEVICES="")
     log = (tmp_path / "up.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up"], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
@@ -118,6 +118,21 @@ def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
         models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
         assert models.status_code == 200, models.text
         assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+
+        # The CLI against it, as a user would after `make run`: the saved key is the default.
+        def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "service.cli", *args, "--url", base], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=timeout)
+
+        sample = REPO / "service" / "data" / "advertisegen_sample.jsonl"
+        res = cli("jobs", "create", "--file", str(sample), "--suffix", "smoke", "--hp", "max_steps=2",
+                  "--hp", "batch_size=2", "--hp", "eval_max_samples=0", "--follow")
+        assert res.returncode == 0, res.stdout + res.stderr + Path(log.name).read_text()[-4000:]
+        assert "succeeded" in res.stdout and "ft-smoke-" in res.stdout
+        adapter = next(w for w in res.stdout.split() if w.startswith("ft-smoke-"))
+        res = cli("chat", "--adapter", adapter, "-m", "类型#裙*材质#蕾丝", "--max-tokens", "8", timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert res.stdout.strip()
     finally:
         proc.send_signal(signal.SIGINT)
         try:
