@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CHATGLM3_HUB_ID = "THUDM/chatglm3-6b"
 DEMO_MODEL_NAME = "tuneserve-demo-chatglm3-tiny"
@@ -22,7 +22,8 @@ class Settings(BaseSettings):
     # Base model: hub id or local dir. Empty = auto (ChatGLM3-6B with a CUDA GPU, else the demo model).
     base_model: str = ""
     # Operator-only allow-list for executing a model repository's own code (never from a request).
-    trust_remote_code_models: list[str] = Field(default_factory=list)
+    # NoDecode: these are comma-separated in the environment, not JSON.
+    trust_remote_code_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
     load_in_4bit: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
 
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
 
     # "key:tenant,key2:tenant2"; hashed into the key store at startup.
     api_keys: str = ""
+
+    # Local directories a job's `training_dataset.path` may name (comma-separated); hub ids
+    # are always allowed. Empty = data_dir/datasets only.
+    dataset_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # /metrics (Prometheus, unauthenticated, aggregates only); false = 404.
+    metrics_enabled: bool = True
 
     # Upload limits, enforced while streaming.
     max_upload_bytes: int = 512 * 1024 * 1024
@@ -48,7 +55,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = 300.0
     adapter_gpu_budget_bytes: int = 512 * 1024 * 1024
     adapter_cpu_cache_size: int = 64
-    preload_adapters: list[str] = Field(default_factory=list)  # "tenant/name": loaded at start, pinned
+    preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "tenant/name": loaded at start, pinned
     # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
     # optionally torch.compile the step first.
     cuda_graphs: bool = True
@@ -66,7 +73,7 @@ class Settings(BaseSettings):
     reaper_interval_s: float = 15.0
     requeue_grace_s: float = 60.0  # a queued job missing from the broker this long is re-sent
 
-    @field_validator("trust_remote_code_models", "preload_adapters", mode="before")
+    @field_validator("trust_remote_code_models", "preload_adapters", "dataset_roots", mode="before")
     @classmethod
     def _split_csv(cls, value):
         if isinstance(value, str):
