@@ -208,3 +208,8 @@ def test_two_apps_do_not_share_metrics(make_settings, tmp_path):
         with TestClient(create_app(make_settings(data_dir=tmp_path / "other"))) as b:
             text = b.get("/metrics").text
             assert 'route="/healthz"' not in text
+
+
+def test_metrics_can_be_switched_off(make_settings):
+    with TestClient(create_app(make_settings(metrics_enabled=False))) as c:
+        assert_error(c.get("/metrics"), 404)

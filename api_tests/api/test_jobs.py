@@ -218,3 +218,13 @@ def test_file_in_use_cannot_be_deleted(client):
     fid = upload_ok(client)
     create(client, model=BASE, training_file=fid)
     assert_error(client.delete(f"/v1/files/{fid}", headers=AUTH_A), 409)
+
+
+def test_dataset_roots_setting(make_settings, tmp_path):
+    shared = tmp_path / "shared-datasets" / "adgen"
+    shared.mkdir(parents=True)
+    (shared / "train.json").write_text('{"content": "a", "summary": "b"}\n')
+    with TestClient(create_app(make_settings(dataset_roots=[tmp_path / "shared-datasets"]))) as c:
+        assert create(c, model=BASE, training_dataset={"path": str(shared)}).status_code == 200
+        err = assert_error(create(c, model=BASE, training_dataset={"path": str(shared / ".." / ".." )}), 400)
+        assert err["param"] == "training_dataset.path"

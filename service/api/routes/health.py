@@ -49,7 +49,7 @@ async def readyz(state: StateDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
 async def metrics(state: StateDep) -> Response:
-    if not getattr(state.settings, "metrics_enabled", True):
+    if not state.settings.metrics_enabled:
         raise NotFound("metrics are disabled", code="not_found")
     # Collectors query the store and Redis: keep that off the event loop.
     payload = await to_thread.run_sync(state.metrics.render)

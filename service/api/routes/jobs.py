@@ -36,7 +36,7 @@ MAX_METADATA_KEYS = 16
 
 def dataset_roots(settings: Settings) -> list[Path]:
     """Where a job's `training_dataset.path` may point on this host (besides hub names)."""
-    roots = getattr(settings, "dataset_roots", None)
+    roots = settings.dataset_roots
     if roots:
         return [Path(r).absolute() for r in roots]
     return [(settings.data_dir / "datasets").absolute()]
