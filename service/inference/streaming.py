@@ -93,9 +93,9 @@ class GenerationStream:
             ...
         stream.result                           # GenerationResult (finish_reason, usage, text)
 
-    Closing it early (`await stream.aclose()`, `async with`, or cancelling the task that
-    iterates it, as a client disconnect does) cancels the request: the decode loop frees
-    its slot at the next step boundary. A timeout before any token raises RequestTimeout
+    Closing it early (`await stream.aclose()`, `async with`, or cancelling / ending the task
+    that iterates it, as a client disconnect does) cancels the request: the decode loop
+    frees its slot at the next step boundary. A timeout before any token raises RequestTimeout
     from iteration; after tokens, the stream ends with finish_reason "timeout".
     """
 
@@ -109,6 +109,7 @@ class GenerationStream:
         self.completion_tokens = 0
         self.first_token_at: float | None = None
         self.created_at = time.monotonic()
+        self._task: asyncio.Task | None = None
 
     # --- public state -----------------------------------------------------------------
     @property
@@ -159,6 +160,12 @@ class GenerationStream:
         return self
 
     async def __anext__(self) -> str:
+        if self._task is None:
+            # A consumer cancelled outside __anext__ (e.g. while sending a chunk to a client
+            # that went away) never reaches our except below; its task ending does.
+            self._task = asyncio.current_task()
+            if self._task is not None:
+                self._task.add_done_callback(self._on_consumer_done)
         while not self._done:
             try:
                 event = await self._queue.get()
@@ -190,6 +197,9 @@ class GenerationStream:
                 exc = event[1]
                 raise exc if isinstance(exc, BaseException) else TuneserveError(str(exc))
         raise StopAsyncIteration
+
+    def _on_consumer_done(self, _task) -> None:
+        self._abort()
 
     def _finish(self, reason: str) -> None:
         if not self._done:
