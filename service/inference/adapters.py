@@ -118,15 +118,17 @@ class AdapterCache:
         self._inflight: dict[AdapterKey, concurrent.futures.Future] = {}
         self._uploads: list[_Upload] = []
         self._loader = concurrent.futures.ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-load")
-        self.counters = dict(hits=0, misses=0, loads=0, uploads=0, evictions=0, cpu_hits=0,
-                             cpu_evictions=0, load_errors=0)
+        # hits: resident at request time; misses: not (joined_load of them waited for a load
+        # another request started); loads: registry reads; uploads: copies into the GPU pool.
+        self.counters = dict(hits=0, misses=0, joined_load=0, loads=0, uploads=0, evictions=0,
+                             cpu_hits=0, cpu_evictions=0, load_errors=0)
         self.load_seconds: list[float] = []  # registry read+verify+parse, most recent last
 
     # ------------------------------------------------------------------------------
     # front end
     # ------------------------------------------------------------------------------
     async def acquire(self, tenant: str, name: str, deadline: float) -> AdapterLease:
-        for _ in range(4):
+        for attempt in range(4):
             version = await asyncio.to_thread(self._latest_version, tenant, name)
             key = (tenant, name, version)
             with self._lock:
@@ -134,11 +136,15 @@ class AdapterCache:
                 if entry is not None and entry.resident:
                     entry.refs += 1
                     self._gpu.move_to_end(key)
-                    self.counters["hits"] += 1
+                    if attempt == 0:
+                        self.counters["hits"] += 1
                     return AdapterLease(entry, self)
                 fut = self._inflight.get(key)
-                if fut is None:
+                if attempt == 0:
                     self.counters["misses"] += 1
+                    if fut is not None:
+                        self.counters["joined_load"] += 1  # shares a load already under way
+                if fut is None:
                     fut = concurrent.futures.Future()
                     self._inflight[key] = fut
                     self._loader.submit(self._load, key, fut)
