@@ -10,6 +10,7 @@ from service.models.chat_format import (
 )
 from service.models.chatglm3 import SPECIAL_TOKENS, convert_chatglm3
 from service.models.demo import build_demo_model
+from service.models.export import export_adapter_chatglm3
 from service.models.loader import (
     DEFAULT_LORA_TARGETS,
     default_lora_targets,
@@ -22,7 +23,7 @@ from service.models.loader import (
 
 __all__ = [
     "DEFAULT_LORA_TARGETS", "IGNORE_INDEX", "SPECIAL_TOKENS", "build_demo_model",
-    "convert_chatglm3", "default_lora_targets", "encode_text", "load_model", "load_tokenizer",
+    "convert_chatglm3", "default_lora_targets", "encode_text", "export_adapter_chatglm3", "load_model", "load_tokenizer",
     "model_family", "render_chat", "resolve_base_model", "source_hash", "stop_token_ids",
     "tokenize_chat", "tokenize_plain",
 ]

@@ -188,7 +188,7 @@ def iter_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # --------------------------------------------------------------------------------------
 def build_fast_tokenizer(sp_model_path: Path, model_max_length: int = 8192):
     """A PreTrainedTokenizerFast equal to ChatGLM3's SentencePiece tokenizer + its specials."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, import_protobuf
 
@@ -197,9 +197,6 @@ def build_fast_tokenizer(sp_model_path: Path, model_max_length: int = 8192):
     if proto.trainer_spec.model_type != 2:  # 2 = BPE
         raise InvalidInput("tokenizer.model is not a SentencePiece BPE model (ChatGLM3 uses BPE)",
                            param="base_model")
-    if proto.normalizer_spec.precompiled_charsmap or proto.normalizer_spec.remove_extra_whitespaces:
-        # ChatGLM3's model uses the identity normalizer; anything else we would not reproduce.
-        raise InvalidInput("tokenizer.model uses a normalizer other than identity", param="base_model")
     from tokenizers.models import BPE as _BPE
     kw = SentencePieceExtractor(str(sp_model_path)).extract(_BPE)
     vocab, merges = kw["vocab"], kw["merges"]
@@ -208,10 +205,24 @@ def build_fast_tokenizer(sp_model_path: Path, model_max_length: int = 8192):
 
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
                                byte_fallback=True, dropout=None))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    # SentencePiece's own order: charsmap normalization, whitespace collapsing, dummy prefix,
+    # spaces -> "▁". ChatGLM3-style models use the identity normalizer and keep all spaces,
+    # so only the last two apply there; the others are honoured if a model sets them.
+    spec = proto.normalizer_spec
+    norm = []
+    if spec.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:
+        norm += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip(left=True, right=True)]
+    if spec.add_dummy_prefix:
+        norm.append(normalizers.Prepend("▁"))
+    norm.append(normalizers.Replace(" ", "▁"))
+    tok.normalizer = normalizers.Sequence(norm)
     tok.pre_tokenizer = None
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    dec = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if spec.add_dummy_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    tok.decoder = decoders.Sequence(dec)
     # sentencepiece control tokens (<s>, </s>) must not be produced from plain text.
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
                             for p in proto.pieces if p.type == 3])
