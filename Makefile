@@ -9,15 +9,14 @@ REDIS_URL ?= $(or $(TUNESERVE_REDIS_URL),redis://127.0.0.1:6379/0)
 REDIS_PORT := $(or $(lastword $(subst :, ,$(firstword $(subst /, ,$(patsubst redis://%,%,$(REDIS_URL)))))),6379)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test test-fast lint browser-deps compose-deps services bench-train bench-chat clean
+.PHONY: help install run test test-fast lint browser-deps compose-deps services clean
 
 help:
 	@echo "make run          install into .venv, then start API + worker + dashboard on http://127.0.0.1:8000"
 	@echo "make test         install, start what the tests need (Redis, PostgreSQL, Chromium), run pytest"
 	@echo "make test-fast    the suite without tests marked slow"
 	@echo "make lint         ruff (installed on demand)"
-	@echo "make bench-train  GPU only: training benchmark (ChatGLM3-6B-shaped, NF4)"
-	@echo "make bench-chat   GPU only: chat/engine benchmark"
+	@echo "make bench-NAME   GPU only: run bench/NAME.py (e.g. make bench-train, make bench-chat)"
 
 install: $(STAMP)
 
@@ -73,12 +72,13 @@ lint: install
 	@test -x $(BIN)/ruff || $(BIN)/pip install -q ruff
 	$(BIN)/ruff check service workers api_tests
 
-# GPU-only: these measure the CUDA paths and refuse to run without a GPU.
-bench-train: install
-	$(BIN)/python bench/train_bench.py
-
-bench-chat: install
-	$(BIN)/python bench/chat_bench.py
+# GPU-only benchmarks: `make bench-NAME` runs bench/NAME.py (e.g. bench-train, bench-chat) and
+# refuses on hosts without an NVIDIA GPU: the CPU numbers would mean nothing.
+bench-%:
+	@command -v nvidia-smi >/dev/null 2>&1 || { echo "make bench-$*: GPU only (no nvidia-smi on this host)"; exit 1; }
+	@test -f bench/$*.py || { echo "make bench-$*: no bench/$*.py"; exit 1; }
+	@$(MAKE) --no-print-directory install
+	$(BIN)/python bench/$*.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -66,3 +66,9 @@ def test_keys_create_refuses_bad_tenant(cli_env, runner):
         assert store.list_api_keys() == []  # nothing written
     finally:
         store.close()
+
+
+def test_server_commands_refuse_a_public_bind_without_keys(cli_env, runner):
+    res = runner.invoke(app, ["api", "--host", "0.0.0.0", "--port", "8999"])
+    assert res.exit_code == 1
+    assert "TUNESERVE_API_KEYS" in res.output and "Traceback" not in res.output
