@@ -25,6 +25,8 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "chatglm3-tiny"
 TARGETS = ["q_proj", "k_proj", "v_proj"]
 MSG = [{"role": "user", "content": "类型#裙*材质#蕾丝"}]
 
+pytestmark = pytest.mark.slow  # loads the engine once (~10 s on 2 CPU cores)
+
 
 @pytest.fixture(scope="module")
 def engine_app(tmp_path_factory, redis_client):

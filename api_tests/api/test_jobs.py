@@ -228,3 +228,18 @@ def test_dataset_roots_setting(make_settings, tmp_path):
         assert create(c, model=BASE, training_dataset={"path": str(shared)}).status_code == 200
         err = assert_error(create(c, model=BASE, training_dataset={"path": str(shared / ".." / ".." )}), 400)
         assert err["param"] == "training_dataset.path"
+
+
+def test_base_model_name_without_engine(make_settings):
+    from service.api.app import base_model_names
+    from service.core.config import DEMO_MODEL_NAME
+    fixture = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "chatglm3-tiny")
+    s = make_settings(base_model=fixture)
+    assert base_model_names(s, None) == ("chatglm3-tiny", frozenset({fixture}))
+    s = make_settings(base_model=str(s.models_dir / "demo"))
+    assert base_model_names(s, None)[0] == DEMO_MODEL_NAME
+    assert base_model_names(make_settings(base_model="THUDM/chatglm3-6b"), None) == ("THUDM/chatglm3-6b", frozenset())
+    with TestClient(create_app(make_settings(base_model=fixture))) as c:
+        fid = upload_ok(c)
+        assert create(c, model=fixture, training_file=fid).json()["model"] == "chatglm3-tiny"
+        assert create(c, model="chatglm3-tiny", training_file=fid).status_code == 200

@@ -36,21 +36,26 @@ _PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>tunese
 <body><h1>tuneserve</h1><p>The dashboard is not installed. API: <a href="/docs">/docs</a></p></body></html>"""
 
 
+def _public_name(settings: Settings) -> str:
+    """The engine's naming rule (InferenceEngine._public_name) without importing torch: the
+    hub id, DEMO_MODEL_NAME for the demo model, else a local directory's last component.
+    With an empty TUNESERVE_BASE_MODEL the engine decides by CUDA; here (engine off) the
+    demo name is used, as on a CPU host."""
+    raw = settings.base_model
+    if not raw:
+        return DEMO_MODEL_NAME
+    path = Path(raw).expanduser()
+    if path.absolute() == (settings.models_dir / "demo").absolute():
+        return DEMO_MODEL_NAME
+    return path.name if path.is_dir() and path.name else raw
+
+
 def base_model_names(settings: Settings, engine: Any | None) -> tuple[str, frozenset[str]]:
     """(the name the service reports, other names clients may use for it). The engine's name
-    wins when it runs; the raw TUNESERVE_BASE_MODEL value (hub id or local path) and its last
-    path component are accepted too, so jobs can be created with the engine disabled."""
-    names: set[str] = set()
-    primary = getattr(engine, "base_model_name", None) if engine is not None else None
-    raw = settings.base_model
-    if raw:
-        names.add(raw)
-        names.add(Path(raw).name)
-        if Path(raw).absolute() == (settings.models_dir / "demo").absolute():
-            names.add(DEMO_MODEL_NAME)
-    primary = primary or raw or DEMO_MODEL_NAME
-    names.discard("")
-    names.discard(primary)
+    wins when it runs; the raw TUNESERVE_BASE_MODEL value (hub id or local path) is accepted
+    too."""
+    primary = (getattr(engine, "base_model_name", None) if engine is not None else None) or _public_name(settings)
+    names = {settings.base_model, _public_name(settings)} - {"", primary}
     return primary, frozenset(names)
 
 
