@@ -324,22 +324,25 @@ def test_key_is_asked_once_and_a_bad_key_asks_again(server, browser):
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
     settings = _settings(tmp_path_factory.mktemp("dash-chat"), engine_enabled=True, device="cpu",
-                         load_in_4bit=False, max_batch_size=4)
+                         load_in_4bit=False, max_batch_size=4, max_seq_len=256,
+                         adapter_gpu_budget_bytes=1 << 20)
     with _Server(settings) as srv:
         yield srv
 
 
+@pytest.mark.slow  # ~10 s of engine start-up (torch + the tiny model) before the browser runs
 def test_playground_streams_a_reply(chat_server, page):
     import httpx
 
     ready = httpx.get(f"{chat_server.url}/readyz", timeout=10)
+    assert ready.json()["checks"]["engine"] == "ready", ready.text
     models = httpx.get(f"{chat_server.url}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
     assert models.status_code == 200, models.text
     base = models.json()["data"][0]["id"]
 
     page.goto(f"{chat_server.url}/#/chat")
     page.wait_for_selector("#chat-model[data-loaded=true]")
-    assert page.input_value("#chat-model") == base, ready.text
+    assert page.input_value("#chat-model") == base
     page.fill("#chat-max-tokens", "48")
     page.fill("#chat-temperature", "0")
     # The test's own observer: every callback is a separate task in which the reply changed,
