@@ -213,3 +213,15 @@ def test_cancelled_stream_frees_its_slot(engine, slow_decode):
         res = await engine.generate(request(PROMPTS[2], max_tokens=4))
         assert res.finish_reason == "length"
     run(go())
+
+
+def test_stream_can_be_iterated_without_awaiting(engine):
+    async def go():
+        deltas = [d async for d in engine.stream(request(PROMPTS[0], max_tokens=6))]
+        whole = await engine.generate(request(PROMPTS[0], max_tokens=6))
+        assert "".join(deltas) == whole.text
+        from service.core.errors import NotFound
+        with pytest.raises(NotFound):  # admission errors surface on the first step
+            async for _ in engine.stream(request(PROMPTS[0], "missing")):
+                pass
+    run(go())

@@ -15,8 +15,8 @@ Usage (see GenerationStream for the streaming contract):
     engine = InferenceEngine(settings, registry)
     await engine.start()
     result = await engine.generate(GenerationRequest(tenant="t", adapter="ft-x", messages=[...]))
-    stream = await engine.stream(request)
-    async for delta in stream: ...
+    stream = await engine.stream(request)     # admitted here (errors raise here)
+    async for delta in stream: ...            # text deltas, one per token that adds text
     stream.result.finish_reason, stream.usage
     await engine.stop()
 """
@@ -250,11 +250,14 @@ class InferenceEngine:
     def _is_base(self, adapter: str | None) -> bool:
         return not adapter or adapter in (BASE_ADAPTER, self.base_model_name, self._ref)
 
-    async def stream(self, req: GenerationRequest) -> GenerationStream:
-        """Admit a request and return its stream. Raises here, before any token:
-        ServiceUnavailable (not ready), QueueFull (429, retry_after), InvalidInput (prompt
-        too long), NotFound (unknown adapter), AdapterMismatch, IntegrityError,
-        RequestTimeout (adapter could not be loaded in time)."""
+    def stream(self, req: GenerationRequest) -> GenerationStream:
+        """The request as a stream of text deltas. `await engine.stream(req)` admits it at
+        once (so QueueFull / NotFound / AdapterMismatch / ... raise there, before anything is
+        sent); iterating an unawaited stream admits it on the first step. See
+        GenerationStream for the final state (result, finish_reason, usage)."""
+        return GenerationStream(self, req)
+
+    async def _admit_request(self, req: GenerationRequest) -> _Request:
         if not self.ready():
             raise ServiceUnavailable("inference engine is not ready" +
                                      (f": {self._failed}" if self._failed else ""))
@@ -264,11 +267,11 @@ class InferenceEngine:
                 raise QueueFull(f"{self._pending} requests are waiting; retry later",
                                 retry_after=self._retry_after())
             self._pending += 1
+        lease = None
         try:
             prompt = self._render(req)
             timeout = req.timeout_s if req.timeout_s is not None else self.settings.request_timeout_s
             deadline = time.monotonic() + max(0.0, timeout)
-            lease = None
             adapter = BASE_ADAPTER if self._is_base(req.adapter) else req.adapter
             if adapter != BASE_ADAPTER:
                 lease = await self._cache.acquire(req.tenant, adapter, deadline)
@@ -278,20 +281,23 @@ class InferenceEngine:
                 prompt_ids=prompt, params=req.params,
                 seed=req.params.seed if req.params.seed is not None else secrets.randbits(63),
                 deadline=deadline, loop=asyncio.get_running_loop())
+            if not self.ready():
+                raise ServiceUnavailable("inference engine stopped")
         except BaseException:
             with self._lock:
                 self._pending -= 1
+            if lease is not None:
+                lease.release()
             raise
-        stream = GenerationStream(self, r, self.tokenizer)
         self.counters["requests"] += 1
         self._inbox.append(r)
         self._wake.set()
-        return stream
+        return r
 
     async def generate(self, req: GenerationRequest) -> GenerationResult:
         """Whole answer. Raises what stream() raises, and RequestTimeout when the request
         timed out before its first token (after it: finish_reason "timeout")."""
-        stream = await self.stream(req)
+        stream = await self.stream(req)  # admission errors raise here
         try:
             async for _ in stream:
                 pass

@@ -88,54 +88,78 @@ class TextTracker:
 class GenerationStream:
     """Async iterator of text deltas for one request; the final state stays on it.
 
-        stream = await engine.stream(request)   # admission errors raise here (429/404/409/...)
-        async for delta in stream:              # real per-token text deltas
-            ...
-        stream.result                           # GenerationResult (finish_reason, usage, text)
+    Two equivalent ways to use it (`engine.stream(request)` returns it unadmitted):
 
+        stream = await engine.stream(request)   # admits now: admission errors raise here
+        async for delta in stream: ...           # real per-token text deltas
+        stream.result                            # GenerationResult: text, finish_reason, usage
+
+        async for delta in engine.stream(request): ...  # admits on the first __anext__
+
+    Admission errors: ServiceUnavailable, QueueFull (retry_after), InvalidInput, NotFound,
+    AdapterMismatch, IntegrityError, RequestTimeout (adapter not loaded in time).
     Closing it early (`await stream.aclose()`, `async with`, or cancelling / ending the task
     that iterates it, as a client disconnect does) cancels the request: the decode loop
-    frees its slot at the next step boundary. A timeout before any token raises RequestTimeout
-    from iteration; after tokens, the stream ends with finish_reason "timeout".
+    frees its slot at the next step boundary. A timeout before any token raises
+    RequestTimeout from iteration; after tokens, the stream ends with finish_reason "timeout".
     """
 
-    def __init__(self, engine, req: "_Request", tokenizer):
+    def __init__(self, engine, request):
         self._engine = engine
-        self._req = req
-        self._queue: asyncio.Queue = req.queue
-        self._text = TextTracker(tokenizer, req.params.stop)
+        self.request = request  # the GenerationRequest
+        self._req: "_Request | None" = None
+        self._admitting: asyncio.Future | None = None
+        self._text: TextTracker | None = None
         self._done = False
         self.finish_reason: str | None = None
         self.completion_tokens = 0
-        self.first_token_at: float | None = None
         self.created_at = time.monotonic()
+        self.first_token_at: float | None = None
         self._task: asyncio.Task | None = None
+
+    # --- admission --------------------------------------------------------------------
+    async def admit(self) -> "GenerationStream":
+        if self._req is None:
+            if self._done:
+                raise RuntimeError("stream was closed before it was admitted")
+            if self._admitting is None:
+                self._admitting = asyncio.ensure_future(self._engine._admit_request(self.request))
+            req = await asyncio.shield(self._admitting)
+            if self._req is None:
+                self._req = req
+                self._text = TextTracker(self._engine.tokenizer, req.params.stop)
+                if self._done:  # closed while admission was under way
+                    self._engine._cancel(req)
+        return self
+
+    def __await__(self):
+        return self.admit().__await__()
 
     # --- public state -----------------------------------------------------------------
     @property
-    def request_id(self) -> str:
-        return self._req.id
+    def request_id(self) -> str | None:
+        return self._req.id if self._req else self.request.request_id
 
     @property
     def adapter(self) -> str:
-        return self._req.adapter
+        return self._req.adapter if self._req else self.request.adapter
 
     @property
     def adapter_version(self) -> int | None:
-        return self._req.adapter_version
+        return self._req.adapter_version if self._req else None
 
     @property
     def prompt_tokens(self) -> int:
-        return len(self._req.prompt_ids)
+        return len(self._req.prompt_ids) if self._req else 0
 
     @property
     def text(self) -> str:
-        return self._text.emitted
+        return self._text.emitted if self._text else ""
 
     @property
     def token_ids(self) -> list[int]:
         """Generated token ids so far (stop tokens excluded)."""
-        return list(self._text.ids)
+        return list(self._text.ids) if self._text else []
 
     @property
     def done(self) -> bool:
@@ -148,6 +172,7 @@ class GenerationStream:
 
     @property
     def result(self) -> GenerationResult | None:
+        """Set once the stream has ended normally (None before, or after an error)."""
         if not self._done or self.finish_reason is None:
             return None
         return GenerationResult(text=self.text, finish_reason=self.finish_reason,
@@ -160,15 +185,24 @@ class GenerationStream:
         return self
 
     async def __anext__(self) -> str:
+        if self._done:
+            raise StopAsyncIteration
         if self._task is None:
             # A consumer cancelled outside __anext__ (e.g. while sending a chunk to a client
             # that went away) never reaches our except below; its task ending does.
             self._task = asyncio.current_task()
             if self._task is not None:
                 self._task.add_done_callback(self._on_consumer_done)
+        if self._req is None:
+            try:
+                await self.admit()
+            except BaseException:
+                self._done = True
+                raise
+        queue = self._req.queue
         while not self._done:
             try:
-                event = await self._queue.get()
+                event = await queue.get()
             except BaseException:  # cancelled consumer = client gone
                 self._abort()
                 raise
@@ -209,19 +243,20 @@ class GenerationStream:
     def _abort(self) -> None:
         if not self._done:
             self._finish("cancelled")
-            self._engine._cancel(self._req)
+            if self._req is not None:
+                self._engine._cancel(self._req)
 
     async def aclose(self) -> None:
         self._abort()
 
     async def __aenter__(self) -> "GenerationStream":
-        return self
+        return await self.admit()
 
     async def __aexit__(self, *exc: Any) -> None:
         self._abort()
 
     def __del__(self):  # a stream dropped without being finished must not hold a slot
-        if not getattr(self, "_done", True):
+        if not getattr(self, "_done", True) and getattr(self, "_req", None) is not None:
             try:
                 self._engine._cancel(self._req)
             except Exception:
