@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from service.core.domain import TrainingSpec
@@ -45,6 +46,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_and_matches_uninterrupted(tmp_path, models_cache):
     train = conversations(8)
     prog_a = RecordingProgress()

@@ -205,8 +205,10 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     say(plan.summary(), data={"memory_plan": plan.to_dict()})
 
     # --- model ------------------------------------------------------------------------------
-    _seed_all(spec.seed + dist_.rank)
+    _seed_all(spec.seed)  # the same LoRA initialisation on every rank
     model = load_trainable(path, spec, targets, device, plan.gradient_checkpointing)
+    if dist_.world > 1:
+        _seed_all(spec.seed + 1000 * dist_.rank)  # but independent dropout masks per rank
     if plan.packing and not check_packing(model, device, shape.vocab):
         plan = choose_plan(shape, lengths, spec, budget, memory=memory, world_size=dist_.world,
                            packing_supported=False)
@@ -338,7 +340,9 @@ def _fmt(scores: dict[str, Any]) -> str:
 
 def _set_checkpointing(model, on: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if on and not getattr(base, "is_gradient_checkpointing", False):
+    active = bool(getattr(base, "is_activation_checkpointing", None)
+                  if hasattr(base, "is_activation_checkpointing") else base.is_gradient_checkpointing)
+    if on and not active:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif not on and getattr(base, "is_gradient_checkpointing", False):
+    elif not on and active:
         base.gradient_checkpointing_disable()
