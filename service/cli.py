@@ -64,13 +64,14 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _settings():
-    """Settings, with validation errors shown as one readable line instead of a traceback."""
+def _settings(**overrides: Any):
+    """Settings (command-line overrides win over TUNESERVE_*), with validation errors shown as
+    one readable line instead of a traceback."""
     from pydantic import ValidationError
 
     from service.core.config import Settings
     try:
-        return Settings()
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise _fail(f"invalid TUNESERVE_* settings: {problems}")
@@ -144,12 +145,9 @@ def up(host: Annotated[Optional[str], typer.Option(help="Bind address (TUNESERVE
        worker: Annotated[bool, typer.Option(help="Also start one training worker.")] = True):
     """The embedded default: Redis check/start, API (+ dashboard) and one training worker."""
     from service.launcher import Launcher, LaunchError
-    if host is not None:
-        os.environ["TUNESERVE_HOST"] = host
-    if port is not None:
-        os.environ["TUNESERVE_PORT"] = str(port)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     try:
-        code = Launcher(console=console, with_worker=worker).run()
+        code = Launcher(console=console, with_worker=worker, overrides=overrides).run()
     except LaunchError as exc:
         raise _fail(str(exc))
     raise typer.Exit(code)
@@ -160,11 +158,7 @@ def api(host: Annotated[Optional[str], typer.Option(help="Bind address (TUNESERV
         port: Annotated[Optional[int], typer.Option(help="Port (TUNESERVE_PORT).")] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info"):
     """Run the HTTP API (OpenAI-compatible routes, chat engine, dashboard) in this process."""
-    if host is not None:
-        os.environ["TUNESERVE_HOST"] = host  # through Settings, so its non-local-bind check applies
-    if port is not None:
-        os.environ["TUNESERVE_PORT"] = str(port)
-    settings = _settings()
+    settings = _settings(host=host, port=port)  # through Settings, so its non-local-bind check applies
     import uvicorn
 
     from service.api.app import create_app

@@ -115,6 +115,20 @@ def start_redis(url: str, log_path: Path) -> subprocess.Popen:
     raise LaunchError(f"started redis-server on port {port} but it did not answer; see {log_path}")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail before starting anything when the API's port is taken (uvicorn would exit later,
+    after Redis and the worker had started)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise LaunchError(f"{host}:{port} is already in use ({exc.strerror}); stop what listens there "
+                              "or pick another port: --port N / TUNESERVE_PORT=N") from exc
+
+
 # ---------------------------------------------------------------------------------------
 # API key
 # ---------------------------------------------------------------------------------------
@@ -154,22 +168,26 @@ class Child:
 class Launcher:
     console: Console = field(default_factory=Console)
     with_worker: bool = True
+    overrides: dict[str, object] = field(default_factory=dict)  # --host / --port
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
 
     def run(self) -> int:
         from pydantic import ValidationError
         try:
-            settings = Settings()
+            settings = Settings(**self.overrides)
         except ValidationError as exc:
             raise LaunchError("invalid TUNESERVE_* settings: "
                               + "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+        check_port_free(settings.host, settings.port)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         logs = settings.data_dir / "logs"
 
         choice = choose_base_model(settings)
-        os.environ["TUNESERVE_BASE_MODEL"] = choice.model  # children read the same decision
         self._announce_model(choice)
+        # Children read the same decisions through their own Settings.
+        env = dict(os.environ, TUNESERVE_BASE_MODEL=choice.model, TUNESERVE_HOST=settings.host,
+                   TUNESERVE_PORT=str(settings.port))
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -184,7 +202,6 @@ class Launcher:
             key, created = ensure_default_key(settings)
             self._announce_key(settings, key, created)
 
-            env = dict(os.environ)
             if self.with_worker:
                 from service.cli import worker_argv
                 self._spawn("worker", worker_argv(settings.task_queue, 1), env)

@@ -84,6 +84,18 @@ def test_remote_redis_that_does_not_answer_is_not_started(tmp_path):
         start_redis("redis://10.255.255.1:6379/0", tmp_path / "redis.log")
 
 
+def test_up_refuses_a_taken_port_before_starting_anything(cli_env, runner):
+    from service.cli import app
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = runner.invoke(app, ["up", "--port", str(port)])
+    assert res.exit_code == 1
+    assert f"127.0.0.1:{port} is already in use" in res.output
+    assert not (cli_env / "api_key").exists()  # nothing started, nothing created
+
+
 @pytest.mark.slow
 def test_up_starts_everything_and_ctrl_c_stops_it(tmp_path):
     """The real `tuneserve up`: demo model banner, its own redis-server (the configured port has
