@@ -251,3 +251,22 @@ def test_chat_through_the_openai_sdk(client, base_name, adapter):
     with pytest.raises(openai.NotFoundError):
         OpenAI(api_key=KEY_B, base_url=str(client.base_url) + "/v1", http_client=client,
                max_retries=0).chat.completions.create(model=adapter, messages=MSG)
+
+
+def test_export_chatglm3_layout(client, adapter):
+    import io
+    import tarfile
+    import zipfile
+    r = client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_A, params={"format": "chatglm3"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    zf = zipfile.ZipFile(io.BytesIO(r.content))
+    names = {n.split("/", 1)[1] for n in zf.namelist()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    cfg = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("adapter_config.json"))))
+    assert "query_key_value" in json.dumps(cfg["target_modules"])
+    r = client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_A, params={"format": "chatglm3", "archive": "tar"})
+    assert r.status_code == 200
+    members = [m.name for m in tarfile.open(fileobj=io.BytesIO(r.content))]
+    assert all(m.startswith(f"{adapter}-v1-chatglm3") for m in members)
+    assert_error(client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_B), 404)
