@@ -141,12 +141,31 @@ class ColumnAllocator:
 @dataclass
 class ParsedAdapter:
     rank: int  # pool columns needed (max rank over modules)
-    # module name -> (A^T [in, r_m], B^T * scaling [r_m, out]) on CPU, pool dtype
+    # module name -> (A^T [in, r_m], B^T * scaling [r_m, out]): views into `flat` (CPU, pool dtype)
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # One buffer holding every module's tensors (pinned on CUDA hosts), so the GPU owner
+    # moves a whole adapter with one host-to-device copy.
+    flat: torch.Tensor | None = None
 
     @property
     def targeted(self) -> set[str]:
         return set(self.modules)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
+
+    def to(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per-module tensors on `device` (one copy of the flat buffer)."""
+        if self.flat is None or self.flat.device == torch.device(device):
+            return self.modules
+        flat = self.flat.to(device, non_blocking=self.flat.is_pinned())
+        out, base = {}, self.flat.data_ptr()
+        for name, (a, b) in self.modules.items():
+            ea = (a.data_ptr() - base) // a.element_size()
+            eb = (b.data_ptr() - base) // b.element_size()
+            out[name] = (flat[ea:ea + a.numel()].view(a.shape), flat[eb:eb + b.numel()].view(b.shape))
+        return out
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -216,10 +235,18 @@ def parse_peft_adapter(adapter_dir: Path, shapes: dict[str, tuple[int, int]], dt
             raise AdapterMismatch(f"adapter module {module!r}: rank {r} on disk, {r_cfg} in config",
                                   param="model")
         scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        a_t = a.t().to(dtype).contiguous()
-        b_t = (b.float() * scaling).t().to(dtype).contiguous()
-        if pin:
-            a_t, b_t = a_t.pin_memory(), b_t.pin_memory()
-        parsed.modules[module] = (a_t, b_t)
+        parsed.modules[module] = (a.t().to(dtype), (b.float() * scaling).t().to(dtype))
         parsed.rank = max(parsed.rank, r)
+    total = sum(a.numel() + b.numel() for a, b in parsed.modules.values())
+    flat = torch.empty(total, dtype=dtype, pin_memory=pin)
+    offset = 0
+    for module, (a, b) in list(parsed.modules.items()):
+        views = []
+        for t in (a, b):
+            view = flat[offset:offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            views.append(view)
+            offset += t.numel()
+        parsed.modules[module] = (views[0], views[1])
+    parsed.flat = flat
     return parsed

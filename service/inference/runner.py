@@ -90,16 +90,17 @@ class ModelRunner:
         if cols is None:
             return None
         idx = torch.tensor(cols, dtype=torch.int64, device=self.device)
-        n = len(cols)
+        on_device = parsed.to(self.device)
         for name, w in self.wrapped.items():
-            a_block = torch.zeros(w.in_features, n, dtype=self.dtype)
-            b_block = torch.zeros(n, w.out_features, dtype=self.dtype)
-            if name in parsed.modules:  # others get zeros: stale columns must never leak
-                a_t, b_t = parsed.modules[name]
-                a_block[:, : a_t.shape[1]] = a_t
-                b_block[: b_t.shape[0]] = b_t
-            w.lora_A.index_copy_(1, idx, a_block.to(self.device, non_blocking=True))
-            w.lora_B.index_copy_(0, idx, b_block.to(self.device, non_blocking=True))
+            # Zero first: reused columns hold an evicted adapter's weights, which must not
+            # leak into modules (or ranks) this adapter does not have.
+            w.lora_A.index_fill_(1, idx, 0)
+            w.lora_B.index_fill_(0, idx, 0)
+            if name in on_device:
+                a_t, b_t = on_device[name]
+                r = a_t.shape[1]
+                w.lora_A.index_copy_(1, idx[:r], a_t)
+                w.lora_B.index_copy_(0, idx[:r], b_t)
         changed = False
         for name in parsed.modules:
             self._targeting[name] += 1
