@@ -217,9 +217,10 @@ def test_job_page_follows_a_running_job_and_cancels(server, store, page):
         store.add_event(job.id, f"step {s}", type="metrics", data={"step": s, "loss": 3.0 - s * 0.5})
     store.update_progress(job.id, JobProgress(step=3, total_steps=12, loss=1.5, tokens_per_second=321.0,
                                               eta_seconds=125))
+    # The page may poll between these writes: wait for the end state, not for the first change.
     page.wait_for_selector("#job-status [data-status=running]")
     page.wait_for_function("document.querySelector('#loss-curve')?.dataset.count === '3'")
-    assert page.get_attribute("#job-progress", "aria-valuenow") == "25"
+    page.wait_for_selector("#job-progress[aria-valuenow='25']")
     text = page.inner_text("#job-progress-text")
     assert "step 3 / 12" in text and "ETA 2m 5s" in text
 
@@ -261,7 +262,7 @@ def test_jobs_list_refreshes_live(server, store, page):
     store.update_progress(first.id, JobProgress(step=5, total_steps=10))
     page.wait_for_selector(f"tr[data-job-id='{second.id}']")
     page.wait_for_selector(f"tr[data-job-id='{first.id}'] [data-status=running]")
-    assert "5/10" in page.inner_text(f"tr[data-job-id='{first.id}']")
+    page.wait_for_selector(f"tr[data-job-id='{first.id}'] .mini-progress[title='5/10']")
     ids = page.eval_on_selector_all("#jobs-body tr", "rows => rows.map(r => r.dataset.jobId)")
     assert ids.index(second.id) < ids.index(first.id), "newest first"
 
