@@ -124,3 +124,14 @@ def test_4bit_mixed_batch_equals_alone_and_peft(tmp_path_factory, tiny_base, reg
         adapter_dir = None if a == BASE_ADAPTER else registry.resolve("t1", a)[0]
         ref = peft_greedy(base4, adapter_dir, _render(tokenizer, p), stops, 16)
         assert ids == ref, (p, a)
+
+
+def test_padded_static_decode_shapes_change_nothing(engine, monkeypatch):
+    """The CUDA-graph shapes (rows, KV length and LoRA columns rounded up to buckets, idle
+    rows decoded as padding) give the same answers as exact shapes."""
+    reqs = [request(p, a, max_tokens=20) for p, a in CASES[:5]]
+    exact = run(_staggered(engine, reqs, [0.0, 0.01, 0.0, 0.0, 0.0]))
+    monkeypatch.setattr(engine._runner, "pad_shapes", True)
+    padded = run(_staggered(engine, reqs, [0.0, 0.0, 0.01, 0.0, 0.0]))
+    assert [r.text for r in padded] == [r.text for r in exact]
+    assert engine._runner.decode_buckets(2, 70, 5) == (4, 96, 8)  # 96 = max_seq_len cap

@@ -72,6 +72,8 @@ class ModelRunner:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
+        # Static (bucketed) decode shapes; what graphs need. Settable on CPU to test them.
+        self.pad_shapes = self.use_graphs
         self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._graph_failed = False
@@ -186,7 +188,7 @@ class ModelRunner:
 
     def decode_buckets(self, max_slot: int, max_pos: int, max_col: int) -> tuple[int, int, int]:
         """(nb, kv_len, hw) for rows 0..max_slot, positions <= max_pos, columns < max_col."""
-        if self.use_graphs:
+        if self.pad_shapes or self.use_graphs:
             nb = _pow2_at_least(max_slot + 1, 1, self.num_slots)
             kv_len = _pow2_at_least(max_pos + 1, 64, self.max_seq_len)
             hw = _pow2_at_least(max_col, 8, self.capacity) if max_col else 0
