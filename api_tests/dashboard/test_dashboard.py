@@ -270,6 +270,10 @@ def test_jobs_list_refreshes_live(server, store, page):
     page.wait_for_selector("#job-id")
     assert page.inner_text("#job-id") == second.id
 
+    page.goto(f"{server.url}/#/jobs/{hidden.id}")  # another tenant's job: the API says 404
+    page.wait_for_selector("#flash:not([hidden])")
+    assert "not found" in page.inner_text("#flash")
+
 
 def test_adapters_page_lists_manifests_and_metrics(server, tmp_path, page):
     src = tmp_path / "adapter"
