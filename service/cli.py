@@ -97,11 +97,9 @@ def _status(status: str) -> str:
 
 
 def _progress(job: dict[str, Any]) -> dict[str, Any]:
-    """Our progress extras (step, total_steps, loss, eta_seconds, ...) wherever the job carries them."""
-    for candidate in (job.get("progress"), (job.get("extra") or {}).get("progress") if isinstance(job.get("extra"), dict) else None):
-        if isinstance(candidate, dict):
-            return candidate
-    return {}
+    """Our progress extras on the job object (step, total_steps, loss, eta_seconds, ...)."""
+    progress = job.get("progress")
+    return progress if isinstance(progress, dict) else {}
 
 
 def _fmt_eta(seconds: Any) -> str:
@@ -231,14 +229,14 @@ def jobs_create(ctx: typer.Context,
                 model: Annotated[Optional[str], typer.Option(help="Base model (default: the server's).")] = None,
                 suffix: Annotated[Optional[str], typer.Option(help="Adapter name suffix.")] = None,
                 seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-                hp: Annotated[list[str], typer.Option("--hp", help="Hyperparameter key=value (repeatable), "
-                                                      "e.g. --hp max_steps=50 --hp lora_r=8.")] = [],
+                hp: Annotated[Optional[list[str]], typer.Option("--hp", help="Hyperparameter key=value (repeatable), "
+                                                      "e.g. --hp max_steps=50 --hp lora_r=8.")] = None,
                 follow: Annotated[bool, typer.Option("--follow", help="Follow the job until it ends.")] = False,
                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None):
     """Create a fine-tuning job (uploading --file first if given)."""
     if bool(file) == bool(training_file):
         raise _fail("give exactly one of --file PATH or --training-file ID")
-    hyperparameters = _parse_hp(hp)
+    hyperparameters = _parse_hp(hp or [])
 
     def run() -> str:
         with _client(ctx, url, api_key) as c:
