@@ -225,3 +225,32 @@ def test_stream_can_be_iterated_without_awaiting(engine):
             async for _ in engine.stream(request(PROMPTS[0], "missing")):
                 pass
     run(go())
+
+
+class _CharTokenizer:
+    """Token id = code point: lets TextTracker be tested character by character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _track(text, stop=(), glm=False):
+    from service.inference.streaming import TextTracker
+
+    t = TextTracker(_CharTokenizer(), list(stop), chatglm3_reply=glm)
+    deltas = [t.push(ord(c)) for c in text] + [t.flush()]
+    assert "".join(deltas) == t.emitted
+    return t.emitted, t.stopped, deltas
+
+
+def test_text_tracker_stop_strings_and_chatglm3_reply_head():
+    assert _track("abc STOP def", ["STOP"])[:2] == ("abc ", True)
+    emitted, stopped, deltas = _track("abc STO", ["STOP"])  # a prefix is held, then released at the end
+    assert (emitted, stopped) == ("abc STO", False) and deltas[-1] == "STO"
+    assert _track("x<|a|b", ["|b", "<|a"])[0] == "x"        # the earliest stop wins
+    # ChatGLM3 replies: an empty metadata line and the content's leading blanks are dropped,
+    # a real metadata line (tool call) is kept, and a reply without one is not held back.
+    assert _track(" \n hello", glm=True)[0] == "hello"
+    assert _track("tool\n{}", glm=True)[0] == "tool\n{}"
+    emitted, _, deltas = _track("plain answer without a head line", glm=True)
+    assert emitted == "plain answer without a head line" and deltas[10] != ""

@@ -90,6 +90,7 @@ class InferenceEngine:
         self.device: str | None = None
         self.model_path: Path | None = None
         self.tokenizer = None
+        self.chatglm3_replies = False  # replies open with ChatGLM3's metadata line
         self._runner = None
         self._cache: AdapterCache | None = None
         self._stop_ids: frozenset[int] = frozenset()
@@ -191,6 +192,8 @@ class InferenceEngine:
         self.device = self.device or str(next(model.parameters()).device)
         self.tokenizer = tokenizer
         self.model_path = Path(path)
+        from service.models.chatglm3 import is_chatglm3_tokenizer
+        self.chatglm3_replies = is_chatglm3_tokenizer(tokenizer)
         targets = self._lora_targets or default_targets
         runner = ModelRunner(
             model, num_slots=settings.max_batch_size, max_seq_len=settings.max_seq_len,

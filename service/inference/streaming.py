@@ -30,16 +30,19 @@ class TextTracker:
     string is held back; text is cut at the first complete stop string.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], *, chatglm3_reply: bool = False):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self._max_stop = max(map(len, self.stop), default=0)
         self.ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
-        self.text = ""     # stable text so far (emitted + held back)
-        self.emitted = ""  # text handed out
+        self.text = ""     # stable decoded text so far
+        self.emitted = ""  # text handed out (after the reply head is dropped)
         self.stopped = False
+        # ChatGLM3 replies start with a metadata line ("" for plain chat, then "\n"); the
+        # original chat() drops an empty one and strips the content. None = not decided yet.
+        self._skip: int | None = None if chatglm3_reply else 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
@@ -65,15 +68,38 @@ class TextTracker:
         self.text += self._stable_delta(final=True)
         return self._release(final=True)
 
+    def _visible(self, final: bool) -> str | None:
+        """Text after the reply head, or None while the head is still undecided."""
+        if self._skip is None:
+            nl = self.text.find("\n")
+            if nl < 0:
+                # No head after a few tokens (e.g. an adapter trained on the plain format):
+                # there is none; never hold a whole answer back.
+                if not final and len(self.ids) < 8:
+                    return None
+                self._skip = len(self.text) - len(self.text.lstrip())
+            elif self.text[:nl].strip():  # real metadata (a tool call): keep the raw text
+                self._skip = 0
+            else:
+                rest = self.text[nl + 1:]
+                content = rest.lstrip()
+                if not content and not final:
+                    return None
+                self._skip = nl + 1 + len(rest) - len(content)
+        return self.text[self._skip:]
+
     def _release(self, final: bool) -> str:
-        text, safe = self.text, len(self.text)
+        text = self._visible(final)
+        if text is None:
+            return ""
+        safe = len(text)
         if self.stop:
             start = max(0, len(self.emitted) - self._max_stop + 1)
             hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
                 safe = min(hits)
-                self.text = text[:safe]
+                text = text[:safe]
             elif not final:
                 for s in self.stop:  # longest tail that is a proper prefix of a stop string
                     for k in range(min(len(s) - 1, len(text)), 0, -1):
@@ -127,7 +153,8 @@ class GenerationStream:
             req = await asyncio.shield(self._admitting)
             if self._req is None:
                 self._req = req
-                self._text = TextTracker(self._engine.tokenizer, req.params.stop)
+                self._text = TextTracker(self._engine.tokenizer, req.params.stop,
+                                         chatglm3_reply=self._engine.chatglm3_replies)
                 if self._done:  # closed while admission was under way
                     self._engine._cancel(req)
         return self
