@@ -155,3 +155,23 @@ def test_unknown_family_targets_from_model():
             self.out = torch.nn.Linear(4, 4)
     assert default_lora_targets("toy", Toy()) == ["query_key_value"]
     assert default_lora_targets("toy") == ["q_proj", "k_proj", "v_proj"]
+
+
+def test_hub_id_downloads_no_python_and_prefers_safetensors(tmp_path, monkeypatch):
+    """Hub path without a hub: the snapshot never asks for *.py and skips .bin next to safetensors."""
+    import huggingface_hub
+    snap = _copy(tmp_path, "snapshot")
+    calls = {}
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **k: str(snap / name))
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo, **k: [
+        "config.json", "modeling_chatglm.py", "model-00001-of-00007.safetensors",
+        "pytorch_model-00001-of-00007.bin", "tokenizer.model"])
+
+    def snapshot_download(repo, **kw):
+        calls.update(kw, repo=repo)
+        return str(snap)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    out = resolve_base_model("THUDM/chatglm3-6b", tmp_path / "cache")
+    assert calls["repo"] == "THUDM/chatglm3-6b" and (out / "config.json").is_file()
+    assert "*.py" in calls["ignore_patterns"] and "*.bin" not in calls["allow_patterns"]
+    assert not any(p.endswith(".py") for p in calls["allow_patterns"])
