@@ -144,7 +144,9 @@ class InferenceEngine:
     async def start(self) -> None:
         if self._started:
             return
-        await asyncio.to_thread(self._setup)
+        self._stopping = False
+        if self._runner is None:
+            await asyncio.to_thread(self._setup)
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
         self._started = True
