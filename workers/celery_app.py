@@ -48,6 +48,9 @@ def transport_options(settings: Settings) -> dict:
         # every ~100 s whatever the timeout), at most every 10 s, at least every 1 s.
         "unacked_restore_interval": max(1, min(10, int(vt / 4))),
         "unacked_restore_throttle": 1,
+        # The restore sweep holds a Redis lock; one left by a worker killed mid-sweep would
+        # block every redelivery until it expires (kombu's default: 300 s).
+        "unacked_mutex_expire": int(max(5, min(300, vt))),
         # A Redis that vanishes without closing the socket must not hang a publish forever.
         "socket_timeout": 30.0,
         "socket_connect_timeout": 5.0,

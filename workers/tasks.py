@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import shared_task
 
-from service.core.config import Settings, get_settings
+from service.core.config import DEMO_MODEL_NAME, Settings, get_settings
 from service.core.domain import (
     FINAL_STATES,
     Job,
@@ -227,6 +227,17 @@ def load_training_data(store, job: Job) -> tuple[list, list | None]:
     return train, one(job.validation_file, job.validation_dataset, "validation_file")
 
 
+def base_model_ref(job: Job, settings: Settings) -> str:
+    """What to load. The service has one shared base: the worker's TUNESERVE_BASE_MODEL (hub id
+    or local dir) when set; `job.model` is then only its display name. Without it, the job's
+    model as given, the demo model's name meaning the locally built one (`make run`'s choice)."""
+    if settings.base_model:
+        return settings.base_model
+    if job.model == DEMO_MODEL_NAME:
+        return str(settings.models_dir / "demo")
+    return job.model
+
+
 def _manifest_fields(outcome, job: Job) -> dict[str, Any]:
     """What the registry's manifest needs from a TrainingOutcome (plus the job's identity)."""
     fields = dict(getattr(outcome, "manifest", None) or {})
@@ -285,7 +296,9 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
     heartbeat = Heartbeat(store, job_id, worker_id, attempt, settings.heartbeat_interval_s)
     heartbeat.start()
     progress = StoreProgress(store, job_id, heartbeat)
-    adapter_dir: Path | None = None
+    # The training core writes the finished adapter to work_dir/adapter (TrainingOutcome.adapter_dir);
+    # known up front so a run that fails after saving it (e.g. during evaluation) cleans it too.
+    adapter_dir: Path | None = work_dir / "adapter"
     try:
         try:
             if train_fn is None:
@@ -295,7 +308,7 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
                 run_training = train_fn
             train, validation = load_training_data(store, job)
             run = TrainingRun(
-                job_id=job.id, tenant=job.tenant, base_model_ref=job.model, spec=job.spec,
+                job_id=job.id, tenant=job.tenant, base_model_ref=base_model_ref(job, settings), spec=job.spec,
                 train_conversations=train, validation_conversations=validation,
                 work_dir=work_dir, device=settings.device, models_cache_dir=settings.models_dir,
             )
@@ -308,7 +321,8 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
             manifest = publish_adapter(settings, job, outcome)
             if getattr(outcome, "trained_tokens", None) is not None:
                 store.update_progress(job_id, store.get_job(job_id).progress, trained_tokens=outcome.trained_tokens)
-            result = {"metrics": dict(getattr(outcome, "metrics", None) or {}),
+            result = {**(getattr(outcome, "result", None) or {}),
+                      "metrics": dict(getattr(outcome, "metrics", None) or {}),
                       "adapter": {"name": manifest.name, "version": manifest.version}}
             store.transition(job_id, JobStatus.succeeded, fine_tuned_model=manifest.name, result=result)
             store.add_event(job_id, f"succeeded: adapter {manifest.name} v{manifest.version} published",
@@ -341,17 +355,18 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
             return "failed"
     finally:
         heartbeat.stop()
-        if not progress.lost:
-            current = _safe_status(store, job_id)
-            if current is not None and current is not JobStatus.succeeded:
-                _remove_unpublished(adapter_dir)
+        if not progress.lost and _still_mine_or_ended(store, job_id, attempt):
+            _remove_unpublished(adapter_dir)  # no-op after success (already removed)
 
 
-def _safe_status(store, job_id: str) -> JobStatus | None:
+def _still_mine_or_ended(store, job_id: str, attempt: int) -> bool:
+    """May this run delete its work_dir/adapter? Not when another run owns the job now."""
     try:
-        return store.get_job(job_id).status
+        job = store.get_job(job_id)
     except Exception:
-        return None
+        return False
+    return job.status in (JobStatus.failed, JobStatus.cancelled) or (
+        job.status is JobStatus.running and job.attempts == attempt)
 
 
 @shared_task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

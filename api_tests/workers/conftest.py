@@ -11,11 +11,13 @@ from service.core.store import Store
 from worker_harness import Env, RedisServer
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    """One redis-server per test (~0.1 s): kombu keeps global keys per database (the unacked
+    hash, the restore mutex), so a worker killed in one test must not affect the next."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    server = RedisServer(tmp_path / "redis").start()
     try:
         yield server
     finally:

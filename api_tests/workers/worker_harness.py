@@ -163,12 +163,36 @@ class Env:
         return worker
 
     def stop_all(self) -> None:
+        """Warm shutdown (SIGTERM), SIGKILL only if that hangs: a worker SIGKILLed in the middle
+        of kombu's restore sweep leaves its Redis lock behind and delays redeliveries."""
         for worker in self.workers:
-            worker.kill(signal.SIGKILL)
+            if worker.alive():
+                worker.proc.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            try:
+                worker.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                worker.kill(signal.SIGKILL)
+
+
+def broker_state(redis_url: str, queue: str) -> str:
+    import redis
+
+    try:
+        r = redis.Redis.from_url(redis_url, socket_connect_timeout=1)
+        return (f"broker: llen({queue})={r.llen(queue)} unacked={r.hlen('unacked')} "
+                f"unacked_index={r.zrange('unacked_index', 0, -1, withscores=True)} "
+                f"unacked_mutex ttl={r.ttl('unacked_mutex')} now={time.time():.1f}")
+    except Exception as exc:
+        return f"broker: unreachable ({exc})"
 
 
 def dump_worker_logs(world: Env) -> str:
-    return "\n".join(f"--- {w.name} ---\n{w.log()[-6000:]}" for w in world.workers)
+    return broker_state(world.redis_url, world.queue) + "\n" + _worker_logs(world)
+
+
+def _worker_logs(world: Env) -> str:
+    return "\n".join(f"--- {w.name} ---\n{w.log()[-8000:]}" for w in world.workers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,7 +219,7 @@ def tiny_spec(**overrides) -> TrainingSpec:
     """Seconds per job on the tiny fixture, in 4-bit (NF4 + double quant, the QLoRA path)."""
     base = dict(max_steps=8, batch_size=4, learning_rate=5e-3, lr_scheduler="constant",
                 checkpoint_steps=4, logging_steps=1, max_source_length=48, max_target_length=48,
-                eval_max_samples=2, eval_max_new_tokens=8, load_in_4bit=True, seed=7)
+                eval_max_samples=1, eval_max_new_tokens=4, load_in_4bit=True, seed=7)
     base.update(overrides)
     return TrainingSpec(**base)
 
@@ -216,19 +240,19 @@ def wait_status(store: Store, job_id: str, statuses, timeout: float, worker_logs
         if job.status.is_final or time.monotonic() > deadline:
             events = "\n".join(f"  {e.level} {e.message} {json.dumps(e.data) if e.data else ''}"
                                for e in store.all_events(job_id))
-            raise AssertionError(f"job {job_id} is {job.status.value} (error={job.error}), wanted "
-                                 f"{sorted(s.value for s in wanted)}\nevents:\n{events}\n{worker_logs()}")
+            raise AssertionError(f"job {job_id} is {job.status.value} (error={job.error}, attempts={job.attempts}), "
+                                 f"wanted {sorted(s.value for s in wanted)}\nevents:\n{events}\n{worker_logs()}")
         time.sleep(0.1)
 
 
 def loss_points(store: Store, job_id: str) -> list[tuple[int, float, int | None]]:
-    """(step, loss, run attempt) of every training-loss event, in order."""
+    """(step, loss, run attempt) of every per-step training-loss event, in order."""
     out = []
     attempt = None
     for ev in store.all_events(job_id):
         data = ev.data or {}
         if "attempt" in data and "worker_id" in data:
             attempt = data["attempt"]
-        if ev.type == "metrics" and "loss" in data and "step" in data:
+        if ev.type == "metrics" and "loss" in data and "step" in data and "total_steps" in data:
             out.append((int(data["step"]), float(data["loss"]), attempt))
     return out

@@ -1,0 +1,164 @@
+"""The train task's outcomes, in process against the real store and registry: every way a run
+ends leaves the job final with a clear error and no adapter behind, except a run that lost
+the job to another run, which must touch nothing. Stub training functions stand in for the
+training core only where the point is the task's handling of what training raises."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from service.core.domain import JobStatus, adapter_name_for_job
+from service.core.errors import Cancelled, TrainingError
+from service.core.registry import AdapterRegistry
+from workers.tasks import publish_adapter, run_job
+from worker_harness import TENANT, create_job, tiny_spec, training_file, wait_for
+
+pytestmark = pytest.mark.slow  # imports torch (workers.training) once
+
+
+def _fake_adapter(dir_: Path) -> Path:
+    dir_.mkdir(parents=True, exist_ok=True)
+    (dir_ / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (dir_ / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    return dir_
+
+
+class FakeOutcome:
+    def __init__(self, adapter_dir: Path):
+        self.adapter_dir = adapter_dir
+        self.trained_tokens = 10
+        self.metrics = {"train_loss": 1.0}
+        self.manifest = {"base_model": "tiny", "target_modules": ["q_proj"], "r": 8, "lora_alpha": 16.0}
+        self.result = {"training": {"steps": 1}}
+
+
+def _job(world, store):
+    return create_job(store, training_file(store, world.data_dir, 4), tiny_spec())
+
+
+def test_missing_base_model_fails_model_not_found_without_adapter(world, store):
+    settings = world.settings(base_model=str(world.data_dir / "no-such-model"))
+    job = _job(world, store)
+    assert run_job(store, settings, job.id, "me:1") == "failed"
+    done = store.get_job(job.id)
+    assert done.status is JobStatus.failed and done.error.code == "model_not_found", done.error
+    assert "no-such-model" in done.error.message
+    assert AdapterRegistry(settings.resolved_registry_dir).list(TENANT) == []
+
+
+def test_training_file_gone_fails_invalid_data(world, store):
+    settings = world.settings()
+    job = _job(world, store)
+    Path(store.get_file(job.training_file, None).path).unlink()
+    assert run_job(store, settings, job.id, "me:1") == "failed"
+    done = store.get_job(job.id)
+    assert done.error.code == "invalid_data" and "training_file" in done.error.message
+
+
+def test_training_error_and_unexpected_error_end_failed_and_remove_the_adapter_dir(world, store):
+    settings = world.settings()
+
+    def oom(run, progress):
+        _fake_adapter(Path(run.work_dir) / "adapter")
+        raise TrainingError("out of memory at step 3", code="out_of_memory")
+
+    def bug(run, progress):
+        _fake_adapter(Path(run.work_dir) / "adapter")
+        raise KeyError("boom")
+
+    for fn, code, text in ((oom, "out_of_memory", "step 3"), (bug, "internal", "KeyError")):
+        job = _job(world, store)
+        assert run_job(store, settings, job.id, "me:1", train_fn=fn) == "failed"
+        done = store.get_job(job.id)
+        assert done.error.code == code and text in done.error.message, done.error
+        assert not (settings.jobs_dir / job.id / "adapter").exists()
+    assert AdapterRegistry(settings.resolved_registry_dir).list(TENANT) == []
+
+
+def test_cancel_seen_by_training_ends_cancelled_and_removes_unpublished_adapter(world, store):
+    settings = world.settings()
+    job = _job(world, store)
+
+    def train(run, progress):
+        _fake_adapter(Path(run.work_dir) / "adapter")
+        store.request_cancel(run.job_id, TENANT)
+        assert progress.should_stop()
+        raise Cancelled("cancelled at step 1")
+
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "cancelled"
+    assert store.get_job(job.id).status is JobStatus.cancelled
+    assert not (settings.jobs_dir / job.id / "adapter").exists()
+    assert AdapterRegistry(settings.resolved_registry_dir).list(TENANT) == []
+
+
+def test_cancel_after_training_before_publish_publishes_nothing(world, store):
+    settings = world.settings()
+    job = _job(world, store)
+
+    def train(run, progress):
+        out = FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+        store.request_cancel(run.job_id, TENANT)  # arrives after the last should_stop() of training
+        return out
+
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "cancelled"
+    assert store.get_job(job.id).status is JobStatus.cancelled
+    assert AdapterRegistry(settings.resolved_registry_dir).list(TENANT) == []
+    assert not (settings.jobs_dir / job.id / "adapter").exists()
+
+
+def test_success_publishes_once_and_stores_metrics(world, store):
+    settings = world.settings()
+    job = _job(world, store)
+    train = lambda run, progress: FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))  # noqa: E731
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
+    done = store.get_job(job.id)
+    name = adapter_name_for_job(job.id, None)
+    assert done.fine_tuned_model == name and done.trained_tokens == 10
+    assert done.result["metrics"] == {"train_loss": 1.0} and done.result["training"] == {"steps": 1}
+    assert done.result["adapter"] == {"name": name, "version": 1}
+    # A redelivery of a job that published but died before `succeeded`: no second version.
+    again = publish_adapter(settings, done, FakeOutcome(_fake_adapter(world.data_dir / "other")))
+    assert again.version == 1
+    assert [m.version for m in AdapterRegistry(settings.resolved_registry_dir).list_versions(TENANT, name)] == [1]
+
+
+def test_run_that_lost_the_job_stops_and_writes_nothing(world, store):
+    """The reaper requeued the job while this run was unreachable; another run took it over.
+    This run's heartbeat notices (attempts changed), should_stop() turns true, and it must not
+    mark the job cancelled or delete the work_dir the new owner uses."""
+    settings = world.settings(heartbeat_interval_s=0.1)
+    job = _job(world, store)
+
+    def train(run, progress):
+        adapter = _fake_adapter(Path(run.work_dir) / "adapter")
+        store.transition(run.job_id, JobStatus.queued)  # the reaper
+        store.transition(run.job_id, JobStatus.running, worker_id="new-owner:2")  # the new run
+        wait_for(progress.should_stop, 10, "the run to notice it lost the job")
+        progress.event("late event from the old run")  # dropped
+        assert adapter.exists()
+        raise Cancelled("stopping")
+
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "lost"
+    now = store.get_job(job.id)
+    assert (now.status, now.attempts, now.worker_id) == (JobStatus.running, 2, "new-owner:2")
+    assert (settings.jobs_dir / job.id / "adapter").exists()
+    assert not any("late event" in e.message for e in store.all_events(job.id))
+
+
+def test_heartbeat_refreshes_while_training(world, store):
+    settings = world.settings(heartbeat_interval_s=0.1)
+    job = _job(world, store)
+    seen = []
+
+    def train(run, progress):
+        first = store.get_job(run.job_id).heartbeat_at
+        time.sleep(0.5)
+        seen.append((first, store.get_job(run.job_id).heartbeat_at))
+        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
+    first, later = seen[0]
+    assert later > first
