@@ -135,3 +135,27 @@ def test_padded_static_decode_shapes_change_nothing(engine, monkeypatch):
     padded = run(_staggered(engine, reqs, [0.0, 0.0, 0.01, 0.0, 0.0]))
     assert [r.text for r in padded] == [r.text for r in exact]
     assert engine._runner.decode_buckets(2, 70, 5) == (4, 96, 8)  # 96 = max_seq_len cap
+
+
+def test_all_linear_targets_match_peft(tmp_path_factory, base_fp32, tokenizer):
+    """An engine told to serve LoRA on every Linear serves MLP/o_proj adapters exactly."""
+    from service.models import stop_token_ids
+
+    reg = AdapterRegistry(tmp_path_factory.mktemp("registry-all"))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+    publish(reg, base_fp32, tenant="t1", name="mlp", seed=77, r=4, targets=["o_proj", "gate_up_proj", "down_proj"])
+    publish(reg, base_fp32, tenant="t1", name="every", seed=78, r=8, targets=targets)
+    settings = engine_settings(tmp_path_factory.mktemp("data"), FIXTURE)
+    engine = InferenceEngine(settings, reg, lora_targets="all-linear")
+    run(engine.start())
+    try:
+        cases = [(PROMPTS[0], "mlp"), (PROMPTS[0], "every"), (PROMPTS[1], BASE_ADAPTER), (PROMPTS[1], "mlp")]
+        alone = [run(generate_with_ids(engine, request(p, a, max_tokens=16))) for p, a in cases]
+        mixed = run(_staggered(engine, [request(p, a, max_tokens=16) for p, a in cases], [0.0, 0.01, 0.0, 0.0]))
+    finally:
+        run(engine.stop())
+    assert [m.text for m in mixed] == [x[0].text for x in alone]
+    stops = stop_token_ids(tokenizer)
+    for (p, a), (_, ids, _) in zip(cases, alone):
+        adapter_dir = None if a == BASE_ADAPTER else reg.resolve("t1", a)[0]
+        assert ids == peft_greedy(base_fp32, adapter_dir, _render(tokenizer, p), stops, 16), (p, a)
