@@ -132,6 +132,9 @@ def run_training(run: TrainingRun, progress: Progress | None = None) -> Training
     checkpoint in run.work_dir automatically. The adapter dir is NOT published here."""
     progress = progress or NullProgress()
     spec = run.spec
+    # Packed micro-batches vary in size every step; expandable segments keep the caching
+    # allocator from fragmenting (only effective if CUDA was not initialised before).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if spec.n_gpus > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         from workers.training.distributed import run_training_distributed
         return run_training_distributed(run, progress)
