@@ -163,8 +163,10 @@ def test_sigkilled_worker_is_redelivered_and_resumes_from_checkpoint(world, stor
         assert ref.keys() == got.keys()
         worst = max(float((ref[k] - got[k]).abs().max()) for k in ref)
         assert worst < 1e-4, f"resumed adapter differs from the uninterrupted one by {worst}"
+        reference["worst"] = worst
         ref_losses = {s: loss for s, loss, _ in reference["losses"]}
         for s, loss, _ in points:
             assert loss == pytest.approx(ref_losses[s], rel=1e-4, abs=1e-5)
-    print(f"\n(c) killed after checkpoint step {ckpt} (steps seen {steps_before}); "
-          f"recovered and finished {recovery:.1f} s after the new worker started")
+    print(f"\n(c) killed after checkpoint step {ckpt} (steps seen {steps_before}); recovered and "
+          f"finished {recovery:.1f} s after the new worker started; max |adapter - uninterrupted| = "
+          f"{reference.get('worst', 'n/a')}")

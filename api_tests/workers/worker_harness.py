@@ -163,16 +163,10 @@ class Env:
         return worker
 
     def stop_all(self) -> None:
-        """Warm shutdown (SIGTERM), SIGKILL only if that hangs: a worker SIGKILLed in the middle
-        of kombu's restore sweep leaves its Redis lock behind and delays redeliveries."""
+        # SIGKILL is fine here: every test has its own redis-server, so kombu's global keys (the
+        # unacked hash, the restore mutex a worker killed mid-sweep would leave) die with it.
         for worker in self.workers:
-            if worker.alive():
-                worker.proc.send_signal(signal.SIGTERM)
-        for worker in self.workers:
-            try:
-                worker.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                worker.kill(signal.SIGKILL)
+            worker.kill(signal.SIGKILL)
 
 
 def broker_state(redis_url: str, queue: str) -> str:
