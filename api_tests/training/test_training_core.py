@@ -12,6 +12,10 @@ from service.core.errors import Cancelled, TrainingError
 from train_helpers import RecordingProgress, conversations, make_run
 from workers.training import list_checkpoints, run_training
 
+def short_validation() -> list[list[dict]]:
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": "红色连衣裙"}] for q in ("红色", "裙子", "你好")]
+
+
 FAST = dict(eval_max_samples=0, max_source_length=48, max_target_length=48, lora_dropout=0.0)
 
 
@@ -111,9 +115,9 @@ def test_impossible_plan_fails_before_loading(tmp_path, models_cache):
 
 def test_validation_loss_quality_table_and_checkpoints(tmp_path, models_cache):
     spec = TrainingSpec(max_steps=4, batch_size=2, checkpoint_steps=2, eval_steps=2, eval_max_samples=3,
-                        eval_max_new_tokens=8, max_source_length=48, max_target_length=48)
+                        eval_max_new_tokens=4, max_source_length=48, max_target_length=48)
     prog = RecordingProgress()
-    out = run_training(make_run(tmp_path, models_cache, spec, conversations(8), conversations(3, offset=100)),
+    out = run_training(make_run(tmp_path, models_cache, spec, conversations(8), short_validation()),
                        prog)
     q = out.metrics["quality"]
     assert q["split"] == "validation" and q["n_samples"] == 3 and len(q["before_after"]) == 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -315,8 +316,8 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
 
     training = {"steps": state.step, "total_steps": n_steps, "trained_tokens": state.trained_tokens,
                 "label_tokens": state.label_tokens, "data": stats, "data_fingerprint": data_fp,
-                "memory_plan": plan.to_dict(), "throughput": throughput, "loss_history": state.loss_history,
-                "eval_history": state.eval_history, "resumed_from_step": resumed_from,
+                "memory_plan": plan.to_dict(), "throughput": throughput,
+                "loss_history": _downsample(state.loss_history), "eval_history": _downsample(state.eval_history), "resumed_from_step": resumed_from,
                 "wall_seconds": round(time.time() - t_start, 1)}
     manifest = {"base_model": run.base_model_ref, "base_model_fingerprint": _config_fingerprint(path),
                 "model_family": family, "target_modules": targets, "r": spec.lora_r,
@@ -335,6 +336,15 @@ def _final_eval_loss(model, val: list[Example], device: str, plan: MemoryPlan, p
     from workers.training.evaluate import validation_loss
     return round(validation_loss(model, val, device=device, token_budget=plan.micro_batch_tokens,
                                  packing=plan.packing, rows=plan.micro_batch_rows, pad_id=pad_id), 6)
+
+
+def _downsample(points: list, keep: int = 500) -> list:
+    """At most ~`keep` points of a curve (first and last kept), so manifests stay small."""
+    if len(points) <= keep:
+        return points
+    stride = math.ceil(len(points) / keep)
+    out = points[::stride]
+    return out if out[-1] == points[-1] else out + [points[-1]]
 
 
 def _fmt(scores: dict[str, Any]) -> str:
