@@ -52,7 +52,9 @@ def deployment(tmp_path_factory, demo_model) -> Iterator[Deployment]:
     if not _redis_up():
         pytest.skip("the machine's Redis at 127.0.0.1:6379 is required for the e2e tests")
     system = System(root=tmp_path_factory.mktemp("deployment"), redis_url=f"{SHARED_REDIS}/{shared_redis_db()}",
-                    base_model=demo_model)
+                    base_model=demo_model,
+                    # Small upload limits so the hostile corpus can cross them with little data.
+                    overrides={"TUNESERVE_MAX_UPLOAD_BYTES": str(4 << 20), "TUNESERVE_MAX_LINE_BYTES": str(64 << 10)})
     api = system.start_api(wait=False)
     worker = system.start_worker(wait=False)  # both start at once: model loads overlap
     try:
