@@ -100,3 +100,15 @@ def test_half_written_checkpoint_is_ignored(tmp_path, models_cache):
     (root / ".tmp-step-9-123").mkdir()  # a crash mid-write
     (root / "step-8").mkdir()  # renamed dir without state.json (cannot happen, still not trusted)
     assert [c["step"] for c in list_checkpoints(tmp_path / "job")] == [1, 2]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, models_cache):
+    spec = SPEC.model_copy(update={"max_steps": 3, "checkpoint_steps": 1})
+    train = conversations(4)
+    run_training(make_run(tmp_path, models_cache, spec, train), RecordingProgress())
+    root = tmp_path / "job" / "checkpoints"
+    (root / "step-2" / "optimizer.pt").write_bytes(b"not a torch file")
+    prog = RecordingProgress()
+    out = run_training(make_run(tmp_path, models_cache, spec.model_copy(update={"max_steps": 3}), train), prog)
+    assert out.resumed_from_step == 1
+    assert any("step-2 cannot be restored" in m for m in prog.messages("warn"))

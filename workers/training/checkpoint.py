@@ -108,20 +108,38 @@ def read_state(ckpt: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: str) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG from `ckpt`; return its state.json."""
+    """Restore weights, optimizer, scheduler and RNG from `ckpt`; return its state.json.
+    Every file is read before anything is applied, so an unreadable checkpoint raises
+    without leaving the model half-restored (the caller then tries an older one)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
+    state = read_state(ckpt)
     weights = load_file(str(ckpt / "adapter_model.safetensors"), device="cpu")
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if unexpected:
-        raise ValueError(f"checkpoint {ckpt} does not match the model: {unexpected[:3]}")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return read_state(ckpt)
+    opt_state = torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=False)
+    sched_state = torch.load(ckpt / "scheduler.pt", weights_only=False)
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    expected = set(get_lora_keys(model))
+    if expected and set(weights) != expected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model's adapter "
+                         f"({len(weights)} tensors vs {len(expected)})")
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    set_rng_state(rng)
+    return state
+
+
+def get_lora_keys(model) -> list[str]:
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(model).keys())
+
+
+def complete_checkpoints(work_dir: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    return _complete(Path(work_dir) / CHECKPOINTS)
 
 
 def list_checkpoints(work_dir: Path) -> list[dict[str, Any]]:

@@ -227,19 +227,27 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     resume_key = {"data": data_fp, "spec": _spec_key(spec), "base": _config_fingerprint(path),
                   "world_size": dist_.world}
     state, resumed_from = LoopState(), None
-    latest = ckpt.latest_checkpoint(work_dir)
-    if latest is not None:
-        saved = ckpt.read_state(latest)
-        if saved.get("resume_key") == json.loads(json.dumps(resume_key)):
-            state = LoopState.from_dict(ckpt.load_checkpoint(latest, model, optimizer, scheduler, device))
-            resumed_from = state.step
-            say(f"resuming from checkpoint step {state.step} (loss {state.loss})",
-                data={"resumed_from_step": state.step, "loss": state.loss})
-        else:
-            say(f"ignoring checkpoint {latest.name}: it belongs to other data or hyperparameters",
-                level="warn", data={"checkpoint": str(latest)})
+    for cand in reversed(ckpt.complete_checkpoints(work_dir)):
+        try:
+            saved = ckpt.read_state(cand)
+        except (OSError, ValueError):
+            continue
+        if saved.get("resume_key") != json.loads(json.dumps(resume_key)):
+            say(f"ignoring checkpoint {cand.name}: it belongs to other data or hyperparameters",
+                level="warn", data={"checkpoint": str(cand)})
             if dist_.main:
                 ckpt.remove_checkpoints(work_dir)
+            break
+        try:
+            state = LoopState.from_dict(ckpt.load_checkpoint(cand, model, optimizer, scheduler, device))
+        except Exception as exc:  # unreadable/corrupt: an older one may still be good
+            say(f"checkpoint {cand.name} cannot be restored ({type(exc).__name__}: {exc}); trying an older one",
+                level="warn", data={"checkpoint": str(cand)})
+            continue
+        resumed_from = state.step
+        say(f"resuming from checkpoint step {state.step} (loss {state.loss})",
+            data={"resumed_from_step": state.step, "loss": state.loss})
+        break
 
     # --- train ------------------------------------------------------------------------------
     adapter_dir = work_dir / ADAPTER_DIR
