@@ -3,7 +3,6 @@ the same adapter as an uninterrupted run with the same seed."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
