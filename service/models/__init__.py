@@ -13,6 +13,7 @@ from service.models.demo import build_demo_model
 from service.models.export import export_adapter_chatglm3
 from service.models.loader import (
     DEFAULT_LORA_TARGETS,
+    base_model_fingerprint,
     default_lora_targets,
     load_model,
     load_tokenizer,
@@ -22,7 +23,7 @@ from service.models.loader import (
 )
 
 __all__ = [
-    "DEFAULT_LORA_TARGETS", "IGNORE_INDEX", "SPECIAL_TOKENS", "build_demo_model",
+    "DEFAULT_LORA_TARGETS", "IGNORE_INDEX", "base_model_fingerprint", "SPECIAL_TOKENS", "build_demo_model",
     "convert_chatglm3", "default_lora_targets", "encode_text", "export_adapter_chatglm3", "load_model", "load_tokenizer",
     "model_family", "render_chat", "resolve_base_model", "source_hash", "stop_token_ids",
     "tokenize_chat", "tokenize_plain",

@@ -150,6 +150,14 @@ def source_hash(src: Path, cache_dir: Path | None = None) -> str:
     return h.hexdigest()[:32]
 
 
+def base_model_fingerprint(path: Path | str) -> str | None:
+    """sha256 of a resolved base model's config.json: the trainer writes it into every adapter
+    manifest and the engine compares it, so an adapter is never served on another base.
+    None for a hub id that has no local directory."""
+    config = Path(str(path)) / "config.json"
+    return hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+
+
 def _complete(d: Path) -> bool:
     return (d / "tuneserve_conversion.json").is_file() and (d / "config.json").is_file()
 
