@@ -160,14 +160,17 @@ def api(host: Annotated[Optional[str], typer.Option(help="Bind address (TUNESERV
     import uvicorn
 
     from service.api.app import create_app
+    from service.logging import configure_logging
+    configure_logging("api", log_level)  # JSON lines with request ids (service/logging.py)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=10, log_config=None, access_log=False)
 
 
 def worker_argv(queue: str, concurrency: int, loglevel: str = "INFO") -> list[str]:
     """One solo process per GPU by default: the model and CUDA context live in that process."""
     pool = ["--pool=solo", "-c", "1"] if concurrency <= 1 else ["--pool=prefork", "-c", str(concurrency)]
-    return [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", queue, *pool,
+    # `python -m service.logging` is Celery's CLI with our structured logging installed first.
+    return [sys.executable, "-m", "service.logging", "-A", "workers.celery_app", "worker", "-Q", queue, *pool,
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
 
 
