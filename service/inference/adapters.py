@@ -118,6 +118,9 @@ class AdapterCache:
         self._inflight: dict[AdapterKey, concurrent.futures.Future] = {}
         self._uploads: list[_Upload] = []
         self._loader = concurrent.futures.ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-load")
+        # sha256 of an adapter runs beside its parsing (hashlib drops the GIL on big buffers),
+        # so a load costs max(hash, parse) instead of their sum.
+        self._hasher = concurrent.futures.ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-hash")
         # hits: resident at request time; misses: not (joined_load of them waited for a load
         # another request started); loads: registry reads; uploads: copies into the GPU pool.
         self.counters = dict(hits=0, misses=0, joined_load=0, loads=0, uploads=0, evictions=0,
@@ -217,8 +220,15 @@ class AdapterCache:
         tenant, name, version = key
         path, manifest = self.registry.resolve(tenant, name, version)
         self.identity.check(manifest)
-        self.registry.verify(path, manifest)  # sha256 of every file, IntegrityError otherwise
-        parsed = parse_peft_adapter(Path(path), self.shapes, self.pool_dtype, pin=self._pin)
+        # sha256 of every file (IntegrityError otherwise), beside the parse; nothing parsed is
+        # used unless the hashes match, and a hash mismatch wins over a parse error.
+        verified = self._hasher.submit(self.registry.verify, path, manifest)
+        try:
+            parsed = parse_peft_adapter(Path(path), self.shapes, self.pool_dtype, pin=self._pin)
+        except BaseException:
+            verified.result()
+            raise
+        verified.result()
         if parsed.rank > self.capacity_columns:
             raise ServiceUnavailable(
                 f"adapter {name!r} (rank {parsed.rank}) needs {parsed.rank * self.bytes_per_column} bytes "
@@ -296,3 +306,4 @@ class AdapterCache:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+        self._hasher.shutdown(wait=False, cancel_futures=True)

@@ -9,6 +9,10 @@ Threads and ownership:
   iteration: upload newly loaded adapters, drop cancelled / timed-out requests, prefill
   waiting requests into free slots (one padded batch), then one decode step for every
   running slot, whatever adapter each uses. Finished requests leave their slot at once.
+  Steps are pipelined: step N+1 is launched (its input ids are already on the device)
+  before the host waits for step N's ids, which arrive in pinned memory without a sync;
+  so the host's per-token work (emitting, detokenizing) overlaps the GPU's next step. A row
+  that ended at step N costs one wasted row in step N+1, whose output is dropped.
 
 Usage (see GenerationStream for the streaming contract):
 
@@ -28,6 +32,7 @@ import heapq
 import itertools
 import logging
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -61,7 +66,8 @@ class _Request:
     cancelled: bool = False
     finished: bool = False
     slot: int | None = None
-    n_generated: int = 0
+    n_generated: int = 0  # tokens delivered to the host
+    n_launched: int = 0   # tokens whose computation was launched (>= n_generated)
 
 
 def _resolve_device(device: str | None) -> str:
@@ -109,6 +115,8 @@ class InferenceEngine:
         self._ids = itertools.count(1)
         self._avg_request_s = 2.0
         self._slot_tensors: dict[tuple[int, ...], Any] = {}
+        self._inflight: _Step | None = None  # launched decode step whose ids are not read yet
+        self._step_no = 0
         self.counters = collections.Counter()
 
     def _demo_dir(self) -> Path:
@@ -147,6 +155,11 @@ class InferenceEngine:
         self._stopping = False
         if self._runner is None:
             await asyncio.to_thread(self._setup)
+        if str(self.device).startswith("cuda"):
+            # The decode thread waits for the GPU without the GIL; with the default 5 ms switch
+            # interval, getting it back from busy front-end threads (detokenizing 32 streams)
+            # can cost more than a whole decode step.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
         self._thread.start()
         self._started = True
@@ -347,16 +360,19 @@ class InferenceEngine:
                     self._cache.service_uploads(self._runner)
                     self._reap(time.monotonic())
                     self._admit()
-                    if self._running:
-                        self._step()
+                    launched = self._launch() if self._running else None
+                    if self._inflight is not None:
+                        self._complete(self._inflight)
+                    self._inflight = launched
                     self._flush()
-                    if not self._running:
+                    if not self._running and self._inflight is None:
                         busy = self._waiting or self._inbox or self._cache.has_pending_uploads
                         self._wake.wait(0.02 if busy else 0.5)
         except BaseException as exc:  # noqa: BLE001
             log.exception("decode loop died")
             self._failed = exc
         finally:
+            self._inflight = None
             reason = ServiceUnavailable("inference engine stopped" if self._failed is None
                                         else f"inference engine failed: {self._failed}")
             for r in list(self._running.values()) + list(self._waiting) + list(self._inbox):
@@ -405,6 +421,8 @@ class InferenceEngine:
             runner.tok_buf[idx] = tokens
             runner.pos_buf[idx] = idx.new_tensor([len(r.prompt_ids) for r in batch])
             token_list = tokens.tolist()
+            for r in batch:
+                r.n_launched = 1
         except Exception as exc:
             log.exception("prefill failed")
             for r in batch:
@@ -415,29 +433,64 @@ class InferenceEngine:
         for r, t in zip(batch, token_list):
             self._emit(r, t)
 
-    def _step(self) -> None:
+    def _launch(self) -> "_Step | None":
+        """Enqueue one decode step for every running request that still needs a token;
+        returns without waiting for the GPU."""
         runner = self._runner
-        slots = sorted(self._running)
-        reqs = [self._running[s] for s in slots]
-        max_pos = max(len(r.prompt_ids) + r.n_generated - 1 for r in reqs)
-        max_col = max((r.lease.entry.hw for r in reqs if r.lease), default=0)
-        nb, kv_len, hw = runner.decode_buckets(slots[-1], max_pos, max_col)
+        max_seq = self.settings.max_seq_len
+        rows = [(s, r) for s, r in sorted(self._running.items())
+                if r.n_launched < r.params.max_tokens and len(r.prompt_ids) + r.n_launched - 1 < max_seq]
+        if not rows:
+            return None
+        slots = [s for s, _ in rows]
+        reqs = [r for _, r in rows]
+        # Rows of every running request (launched or not) lie below max(self._running).
+        max_pos = max(len(r.prompt_ids) + r.n_launched - 1 for r in reqs)
+        max_col = max((r.lease.entry.hw for r in self._running.values() if r.lease), default=0)
+        nb, kv_len, hw = runner.decode_buckets(max(self._running), max_pos, max_col)
         try:
             logits = runner.decode(nb, kv_len, hw)
+            n = len(slots)
             idx = self._slots_tensor(slots)
-            tokens = runner.sampler.sample(logits[idx], idx, slots)
+            # Rows 0..n-1 (the common case: requests take the lowest free slots): no gather.
+            rows_logits = logits[:n] if slots[-1] == n - 1 else logits[idx]
+            tokens = runner.sampler.sample(rows_logits, idx, slots)
             runner.sampler.after_step(idx, tokens, slots)
-            runner.tok_buf[idx] = tokens
-            runner.pos_buf[idx] += 1
-            token_list = tokens.tolist()
+            runner.advance(idx, tokens)
+            host = runner.host_tokens[self._step_no % 2][:n]
+            event = None
+            if tokens.is_cuda:
+                host.copy_(tokens, non_blocking=True)
+                event = runner.host_events[self._step_no % 2]
+                event.record()
+            else:
+                host = tokens
         except Exception as exc:
             log.exception("decode step failed")
-            for r in reqs:
+            for r in list(self._running.values()):
                 self._fail(r, ServiceUnavailable(f"decode failed: {exc}"))
-            return
+            return None
+        self._step_no += 1
+        for r in reqs:
+            r.n_launched += 1
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(reqs)
-        for r, t in zip(reqs, token_list):
+        return _Step(list(zip(slots, reqs)), host, event)
+
+    def _complete(self, step: "_Step") -> None:
+        """Read a launched step's ids (waiting for the GPU if needed) and deliver them."""
+        try:
+            if step.event is not None:
+                step.event.synchronize()  # without the GIL
+            token_list = step.host.tolist()
+        except Exception as exc:
+            log.exception("decode step failed")
+            for _, r in step.rows:
+                self._fail(r, ServiceUnavailable(f"decode failed: {exc}"))
+            return
+        for (slot, r), t in zip(step.rows, token_list):
+            if r.finished or r.slot != slot:  # ended (or cancelled) after this step was launched
+                continue
             self._emit(r, t)
 
     def _slots_tensor(self, slots: list[int]):
@@ -526,6 +579,13 @@ class InferenceEngine:
         if self._cache is not None:
             out["adapters"] = self._cache.stats()
         return out
+
+
+@dataclass(eq=False)
+class _Step:
+    rows: list  # (slot, _Request) in the order of `host`
+    host: Any   # sampled ids [n] (pinned CPU tensor, valid once `event` completed)
+    event: Any  # torch.cuda.Event recorded after the copy; None on CPU
 
 
 def _deliver(items) -> None:

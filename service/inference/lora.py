@@ -1,13 +1,13 @@
 """Many LoRA adapters in one batch on one shared base.
 
 Layout ("column pool"): every LoRA target Linear of the base is wrapped by
-`MultiLoRALinear`, which owns two pool tensors, A `[in, R]` and B `[R, out]`. Each
+`MultiLoRALinear`, which owns two pool tensors, A `[R, in]` and B `[out, R]`. Each
 GPU-resident adapter owns a set of pool *columns* (as many as its rank; not necessarily
-contiguous), the same columns in every wrapped module: its `lora_A.T` sits in A's
-columns, its `lora_B.T * scaling` in B's rows. A per-row 0/1 mask `M [rows, 1, hw]`
-selects the columns of the row's adapter, so for every row at once
+contiguous), the same columns in every wrapped module: its `lora_A` (as PEFT stores it,
+`[r, in]`) sits in A's rows, its `lora_B * scaling` (`[out, r]`) in B's columns. A per-row
+0/1 mask `M [rows, 1, hw]` selects the columns of the row's adapter, so for every row at once
 
-    y = base(x) + ((x @ A[:, :hw]) * M) @ B[:hw]
+    y = base(x) + ((x @ A[:hw].T) * M) @ B[:, :hw].T
 
 which equals PEFT's `base(x) + lora_B(lora_A(x)) * scaling` for that row's adapter (and
 just `base(x)` for a base row: an all-zero mask row, the "no adapter" slot). Two dense
@@ -16,6 +16,11 @@ shapes (graph-capturable). Cost is proportional to `hw`, the highest column any 
 adapter uses (columns are allocated lowest-first), so it stays small next to the base
 matmul; ranks are packed without padding to a common r_max, which is what makes the GPU
 byte budget rank-aware. Modules that no resident adapter targets skip the LoRA term.
+
+Pools of modules with the same (in, out) shape are views of one stacked tensor per shape
+(`LoRAGroup`), and a parsed adapter is laid out the same way on the host (PEFT's own
+orientation, no transposes), so uploading an adapter is one host-to-device copy plus a
+few kernels per shape group, not a few per module.
 """
 from __future__ import annotations
 
@@ -43,9 +48,27 @@ class LoRAContext:
         self.hw: int = 0
 
 
+class LoRAGroup:
+    """Stacked pools of the wrapped modules that share one (in, out) shape."""
+
+    def __init__(self, key: tuple[int, int], names: list[str], capacity: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.key, self.names = key, names
+        fan_in, fan_out = key
+        self.A = torch.zeros(len(names), capacity, fan_in, dtype=dtype, device=device)
+        self.B = torch.zeros(len(names), fan_out, capacity, dtype=dtype, device=device)
+
+
+def group_layout(shapes: dict[str, tuple[int, int]]) -> list[tuple[tuple[int, int], list[str]]]:
+    """[(shape, sorted module names)] in a fixed order: the one layout runner and parser share."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name in sorted(shapes):
+        groups.setdefault(tuple(shapes[name]), []).append(name)
+    return sorted(groups.items())
+
+
 class MultiLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, capacity: int, dtype: torch.dtype,
-                 device: torch.device, ctx: LoRAContext):
+    def __init__(self, base: nn.Linear, name: str, ctx: LoRAContext):
         super().__init__()
         self.base = base
         self.name = name
@@ -53,10 +76,9 @@ class MultiLoRALinear(nn.Module):
         self.out_features = base.out_features
         self.ctx = ctx
         self.enabled = False  # True while some resident adapter targets this module
-        self.register_buffer("lora_A", torch.zeros(self.in_features, capacity, dtype=dtype, device=device),
-                             persistent=False)
-        self.register_buffer("lora_B", torch.zeros(capacity, self.out_features, dtype=dtype, device=device),
-                             persistent=False)
+        # Views into a LoRAGroup's stacked pools (set by install), [R, in] and [out, R].
+        self.lora_A: torch.Tensor | None = None
+        self.lora_B: torch.Tensor | None = None
 
     @property
     def weight(self):  # some model code inspects proj.weight (dtype/device)
@@ -72,8 +94,8 @@ class MultiLoRALinear(nn.Module):
         if mask is None or not self.enabled:
             return out
         hw = self.ctx.hw
-        xa = torch.matmul(x.to(self.lora_A.dtype), self.lora_A[:, :hw])
-        return out + torch.matmul(xa * mask, self.lora_B[:hw]).to(out.dtype)
+        xa = torch.matmul(x.to(self.lora_A.dtype), self.lora_A[:hw].t())
+        return out + torch.matmul(xa * mask, self.lora_B[:, :hw].t()).to(out.dtype)
 
     @property
     def pool_bytes_per_column(self) -> int:
@@ -99,18 +121,24 @@ def find_target_modules(model: nn.Module, targets: list[str] | str) -> dict[str,
 
 
 def install(model: nn.Module, targets: list[str] | str, capacity: int, dtype: torch.dtype,
-            device: torch.device, ctx: LoRAContext) -> dict[str, MultiLoRALinear]:
-    """Replace each target Linear by a MultiLoRALinear (in place). Returns name -> wrapper."""
+            device: torch.device, ctx: LoRAContext) -> tuple[dict[str, MultiLoRALinear], list[LoRAGroup]]:
+    """Replace each target Linear by a MultiLoRALinear (in place). Returns (name -> wrapper,
+    the shape groups holding their pools)."""
     wrapped: dict[str, MultiLoRALinear] = {}
     for name, module in find_target_modules(model, targets).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoRALinear(module, name, capacity, dtype, device, ctx)
+        wrapper = MultiLoRALinear(module, name, ctx)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper
     if not wrapped:
         raise ValueError(f"no Linear modules match LoRA targets {targets!r}")
-    return wrapped
+    shapes = {n: (w.in_features, w.out_features) for n, w in wrapped.items()}
+    groups = [LoRAGroup(key, names, capacity, dtype, device) for key, names in group_layout(shapes)]
+    for g in groups:
+        for i, name in enumerate(g.names):
+            wrapped[name].lora_A, wrapped[name].lora_B = g.A[i], g.B[i]
+    return wrapped, groups
 
 
 class ColumnAllocator:
@@ -141,11 +169,16 @@ class ColumnAllocator:
 @dataclass
 class ParsedAdapter:
     rank: int  # pool columns needed (max rank over modules)
-    # module name -> (A^T [in, r_m], B^T * scaling [r_m, out]): views into `flat` (CPU, pool dtype)
+    # module name -> (A [r_m, in], B [out, r_m]) as PEFT stores them (unscaled): views into `flat`
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    # One buffer holding every module's tensors (pinned on CUDA hosts), so the GPU owner
-    # moves a whole adapter with one host-to-device copy.
+    scales: dict[str, float] = field(default_factory=dict)  # module -> LoRA scaling
+    # One buffer (pinned on CUDA hosts, the file's dtype) holding, per shape group of
+    # group_layout(), A stacked [n, rank, in] then B stacked [n, out, rank], zero-padded for
+    # modules (or ranks) the adapter lacks: a whole adapter moves with one host-to-device copy
+    # and lands in the pools with one index_copy_ per group and tensor.
     flat: torch.Tensor | None = None
+    # group shape -> (A offset, B offset, n modules, per-module scales [n] float32)
+    groups: dict[tuple[int, int], tuple[int, int, int, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def targeted(self) -> set[str]:
@@ -155,16 +188,17 @@ class ParsedAdapter:
     def nbytes(self) -> int:
         return 0 if self.flat is None else self.flat.numel() * self.flat.element_size()
 
-    def to(self, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per-module tensors on `device` (one copy of the flat buffer)."""
-        if self.flat is None or self.flat.device == torch.device(device):
-            return self.modules
-        flat = self.flat.to(device, non_blocking=self.flat.is_pinned())
-        out, base = {}, self.flat.data_ptr()
-        for name, (a, b) in self.modules.items():
-            ea = (a.data_ptr() - base) // a.element_size()
-            eb = (b.data_ptr() - base) // b.element_size()
-            out[name] = (flat[ea:ea + a.numel()].view(a.shape), flat[eb:eb + b.numel()].view(b.shape))
+    def group_sources(self, device: torch.device):
+        """{shape: (A [n, rank, in], B [n, out, rank], scales [n])} on `device` (one copy of
+        the flat buffer, non-blocking from pinned memory)."""
+        flat = self.flat
+        if flat.device != torch.device(device):
+            flat = flat.to(device, non_blocking=flat.is_pinned())
+        out = {}
+        for (fan_in, fan_out), (a_off, b_off, n, scales) in self.groups.items():
+            a = flat[a_off:a_off + n * self.rank * fan_in].view(n, self.rank, fan_in)
+            b = flat[b_off:b_off + n * fan_out * self.rank].view(n, fan_out, self.rank)
+            out[(fan_in, fan_out)] = (a, b, scales.to(device, non_blocking=scales.is_pinned()))
         return out
 
 
@@ -215,6 +249,7 @@ def parse_peft_adapter(adapter_dir: Path, shapes: dict[str, tuple[int, int]], dt
         raise AdapterMismatch("adapter has no LoRA weights", param="model")
 
     parsed = ParsedAdapter(rank=0)
+    raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, ab in sorted(pairs.items()):
         if module not in shapes:
             raise AdapterMismatch(
@@ -234,19 +269,38 @@ def parse_peft_adapter(adapter_dir: Path, shapes: dict[str, tuple[int, int]], dt
         if r_cfg != r:
             raise AdapterMismatch(f"adapter module {module!r}: rank {r} on disk, {r_cfg} in config",
                                   param="model")
-        scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        parsed.modules[module] = (a.t().to(dtype), (b.float() * scaling).t().to(dtype))
+        parsed.scales[module] = alpha / math.sqrt(r) if rslora else alpha / r
+        raw[module] = (a, b)
         parsed.rank = max(parsed.rank, r)
-    total = sum(a.numel() + b.numel() for a, b in parsed.modules.values())
-    flat = torch.empty(total, dtype=dtype, pin_memory=pin)
+    # The file's dtype travels to the GPU; the cast to the pool dtype happens there.
+    kinds = {t.dtype for ab in raw.values() for t in ab}
+    src_dtype = kinds.pop() if len(kinds) == 1 and next(iter(kinds)).is_floating_point else torch.float32
+    rank = parsed.rank
+    layout = group_layout(shapes)
+    total = sum(len(names) * rank * (fi + fo) for (fi, fo), names in layout)
+    flat = torch.empty(total, dtype=src_dtype, pin_memory=pin)
     offset = 0
-    for module, (a, b) in list(parsed.modules.items()):
-        views = []
-        for t in (a, b):
-            view = flat[offset:offset + t.numel()].view(t.shape)
-            view.copy_(t)
-            views.append(view)
-            offset += t.numel()
-        parsed.modules[module] = (views[0], views[1])
+    for (fan_in, fan_out), names in layout:
+        n = len(names)
+        a_off, b_off = offset, offset + n * rank * fan_in
+        offset = b_off + n * fan_out * rank
+        a_all = flat[a_off:b_off].view(n, rank, fan_in)
+        b_all = flat[b_off:offset].view(n, fan_out, rank)
+        scales = torch.zeros(n, dtype=torch.float32, pin_memory=pin)
+        for i, name in enumerate(names):
+            if name not in raw:
+                a_all[i].zero_()
+                b_all[i].zero_()
+                continue
+            a, b = raw[name]
+            r = a.shape[0]
+            if r < rank:  # columns past this module's rank must contribute nothing
+                a_all[i, r:].zero_()
+                b_all[i, :, r:].zero_()
+            a_all[i, :r].copy_(a)
+            b_all[i, :, :r].copy_(b)
+            scales[i] = parsed.scales[name]
+            parsed.modules[name] = (a_all[i, :r], b_all[i, :, :r])
+        parsed.groups[(fan_in, fan_out)] = (a_off, b_off, n, scales)
     parsed.flat = flat
     return parsed

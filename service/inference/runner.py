@@ -8,6 +8,15 @@ Decode step shapes are static per (rows, kv_len, lora_columns) bucket: rows = sl
 kv_len and the LoRA high-water mark are rounded up to buckets. On CUDA each bucket's
 step is captured once into a CUDA graph and replayed (no per-layer Python or kernel
 launch overhead); optionally the step is torch.compile'd first. CPU stays eager.
+
+Graphs and their memory pool live as long as the runner: one pool handle, made once, is
+shared by every capture, and no graph is ever destroyed while serving. (Destroying every
+graph of a shared pool drops its use count to zero; capturing into that handle again trips
+`it->second->use_count > 0` in the caching allocator: what an adapter upload clearing the
+graphs used to do.) Everything a graph reads is allocated before the first capture and only
+written in place afterwards: token/position buffers, slot masks, LoRA pools (fixed size from
+the byte budget), KV slots. The set of modules carrying a LoRA term is part of a graph's key
+instead of a reason to drop graphs.
 """
 from __future__ import annotations
 
@@ -55,17 +64,25 @@ class ModelRunner:
         # Capped: past a few thousand rank columns the per-slot masks grow with no use.
         self.capacity = max(0, min(max_lora_columns, int(lora_budget_bytes) // self.bytes_per_column))
         self.ctx = LoRAContext()
-        self.wrapped = install(model, lora_targets, self.capacity, self.dtype, self.device, self.ctx)
+        self.wrapped, self.groups = install(model, lora_targets, self.capacity, self.dtype, self.device,
+                                            self.ctx)
         self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
         self.alloc = ColumnAllocator(self.capacity)
         self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
         self._targeting = {n: 0 for n in self.wrapped}  # resident adapters per module
+        self._enabled_ids: dict[frozenset, int] = {frozenset(): 0}
+        self._enabled_id = 0  # small id of the current set of modules with a LoRA term
 
         self.cache = SlotKVCache(num_layers=n_layers, num_slots=num_slots, max_seq_len=max_seq_len,
                                  num_kv_heads=n_kv, head_dim=head_dim, dtype=self.dtype, device=self.device)
         self.sampler = SamplingState(num_slots, self.vocab, self.device)
         self.tok_buf = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
         self.pos_buf = torch.zeros(num_slots, dtype=torch.int64, device=self.device)
+        # Sampled ids go to pinned host memory without a sync; two, so step N+1 can be in
+        # flight while step N's ids are read (the engine reads a step's ids one step later).
+        pin = self.device.type == "cuda"
+        self.host_tokens = [torch.zeros(num_slots, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self.host_events = [torch.cuda.Event() for _ in range(2)] if pin else [None, None]
         self._kv_arange = torch.arange(max_seq_len, device=self.device)
         self._min = torch.finfo(self.dtype).min
         params = inspect.signature(self.inner.forward).parameters
@@ -74,7 +91,7 @@ class ModelRunner:
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # Static (bucketed) decode shapes; what graphs need. Settable on CPU to test them.
         self.pad_shapes = self.use_graphs
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._graph_failed = False
         self.max_graphs = max_graphs
@@ -87,22 +104,20 @@ class ModelRunner:
     # adapters (columns of the LoRA pool)
     # ----------------------------------------------------------------------------------
     def upload_adapter(self, parsed: ParsedAdapter) -> list[int] | None:
-        """Copy an adapter into free pool columns; None when not enough columns are free."""
+        """Copy an adapter into free pool columns; None when not enough columns are free.
+
+        One host-to-device copy of the parsed buffer, then per shape group one index_copy_
+        into A and one into B. The parsed layout is zero-padded for modules (and ranks) the
+        adapter lacks, so reused columns never keep an evicted adapter's weights."""
         cols = self.alloc.allocate(parsed.rank)
         if cols is None:
             return None
-        idx = torch.tensor(cols, dtype=torch.int64, device=self.device)
-        on_device = parsed.to(self.device)
-        for name, w in self.wrapped.items():
-            # Zero first: reused columns hold an evicted adapter's weights, which must not
-            # leak into modules (or ranks) this adapter does not have.
-            w.lora_A.index_fill_(1, idx, 0)
-            w.lora_B.index_fill_(0, idx, 0)
-            if name in on_device:
-                a_t, b_t = on_device[name]
-                r = a_t.shape[1]
-                w.lora_A.index_copy_(1, idx[:r], a_t)
-                w.lora_B.index_copy_(0, idx[:r], b_t)
+        idx = torch.tensor(cols, dtype=torch.int64).to(self.device, non_blocking=True)
+        sources = parsed.group_sources(self.device)
+        for g in self.groups:
+            a, b, scales = sources[g.key]
+            g.A.index_copy_(1, idx, a.to(self.dtype))
+            g.B.index_copy_(2, idx, (b.float() * scales[:, None, None]).to(self.dtype))
         changed = False
         for name in parsed.modules:
             self._targeting[name] += 1
@@ -121,9 +136,12 @@ class ModelRunner:
             self._refresh_enabled()
 
     def _refresh_enabled(self) -> None:
+        enabled = frozenset(n for n, c in self._targeting.items() if c > 0)
         for name, w in self.wrapped.items():
-            w.enabled = self._targeting[name] > 0
-        self._graphs.clear()  # captured graphs baked in the old set of LoRA terms
+            w.enabled = name in enabled
+        # Graphs bake in which modules have a LoRA term: the set is part of their key (kept,
+        # never cleared: see the module docstring).
+        self._enabled_id = self._enabled_ids.setdefault(enabled, len(self._enabled_ids))
 
     # ----------------------------------------------------------------------------------
     # slots
@@ -138,6 +156,14 @@ class ModelRunner:
         self.sampler.clear_slot(slot)
         self.tok_buf[slot] = 0
         self.pos_buf[slot] = 0
+
+    def advance(self, idx: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Feed sampled tokens back as the next step's input (on the device, no sync)."""
+        self.tok_buf[idx] = tokens
+        self.pos_buf[idx] += 1
+        # A row may be stepped once more before the host sees that it ended (the engine reads
+        # ids one step late): keep its garbage write inside the cache.
+        self.pos_buf.clamp_(max=self.max_seq_len - 1)
 
     # ----------------------------------------------------------------------------------
     # forward passes
@@ -201,7 +227,7 @@ class ModelRunner:
         (a static graph output on CUDA: consume before the next call)."""
         if not self.use_graphs or self._graph_failed:
             return self._decode_fn(nb, kv_len, hw)
-        key = (nb, kv_len, hw)
+        key = (nb, kv_len, hw, self._enabled_id if hw else 0)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
@@ -218,8 +244,8 @@ class ModelRunner:
         graph.replay()
         return out
 
-    def _capture(self, key: tuple[int, int, int]):
-        nb, kv_len, hw = key
+    def _capture(self, key: tuple[int, int, int, int]):
+        nb, kv_len, hw, _ = key
         # The warm-up writes garbage into rows' KV at their current positions; rows of
         # running requests get it rewritten by the real step (same positions), free rows
         # do not matter.
@@ -229,13 +255,14 @@ class ModelRunner:
             for _ in range(2):
                 self._decode_fn(nb, kv_len, hw)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # thread_local: the loader threads may touch CUDA (pinned memory) meanwhile.
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             out = self._decode_fn(nb, kv_len, hw)
-        log.info("captured decode graph rows=%d kv_len=%d lora_cols=%d", nb, kv_len, hw)
+        log.info("captured decode graph rows=%d kv_len=%d lora_cols=%d lora_set=%d", *key)
         return graph, out
 
     @property
