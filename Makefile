@@ -16,7 +16,7 @@ help:
 	@echo "make test         install, start what the tests need (Redis, PostgreSQL, Chromium), run pytest"
 	@echo "make test-fast    the suite without tests marked slow"
 	@echo "make lint         ruff (installed on demand)"
-	@echo "make bench-NAME   GPU only: run bench/NAME.py (e.g. make bench-train, make bench-chat)"
+	@echo "make bench-NAME   GPU only: run bench/NAME.py (e.g. make bench-training, make bench-serving)"
 
 install: $(STAMP)
 
@@ -72,7 +72,7 @@ lint: install
 	@test -x $(BIN)/ruff || $(BIN)/pip install -q ruff
 	$(BIN)/ruff check service workers api_tests
 
-# GPU-only benchmarks: `make bench-NAME` runs bench/NAME.py (e.g. bench-train, bench-chat) and
+# GPU-only benchmarks: `make bench-NAME` runs bench/NAME.py (e.g. bench-training, bench-serving) and
 # refuses on hosts without an NVIDIA GPU: the CPU numbers would mean nothing.
 bench-%:
 	@command -v nvidia-smi >/dev/null 2>&1 || { echo "make bench-$*: GPU only (no nvidia-smi on this host)"; exit 1; }
