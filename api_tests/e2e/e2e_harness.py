@@ -265,7 +265,8 @@ class Client:
             if not page["has_more"] or not page["data"]:
                 break
             after = page["data"][-1]["id"]
-        return sorted(out, key=lambda e: (e["created_at"], e["id"]))
+        # Pages come newest first in insertion order; created_at has one-second resolution.
+        return out[::-1]
 
     def wait_job(self, job_id: str, statuses: set[str], timeout: float, diagnostics=lambda: "") -> dict:
         def check():
