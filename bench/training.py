@@ -233,7 +233,8 @@ def bench_ours(name: str, path: Path, rows, device: str, batch: int, warmup: int
     plan = choose_plan(shape, [len(e) for e in examples], spec, budget, memory=memory)
     rec(f"{name}_plan", **plan.to_dict())
     t = time.time()
-    model = load_trainable(path, spec, TARGETS, device, plan.gradient_checkpointing)
+    model = load_trainable(path, spec, TARGETS, device, plan.gradient_checkpointing,
+                           dense_layers=plan.dense_layers, attention=plan.attention)
     load_s = time.time() - t
     loop = TrainLoop(model=model, spec=spec, plan=plan, examples=examples, device=device, pad_id=0,
                      total_steps=warmup + steps, work_dir=Path(os.environ.get("OUT", "/tmp")) / "bench-job",
@@ -253,7 +254,8 @@ def bench_ours(name: str, path: Path, rows, device: str, batch: int, warmup: int
             comp.append(ntok)  # packed rows carry no padding
     res = summarize(name, times, lab, real, comp, device, batch=batch,
                     gradient_checkpointing=plan.gradient_checkpointing, packing=plan.packing,
-                    micro_batch_tokens=plan.micro_batch_tokens,
+                    micro_batch_tokens=plan.micro_batch_tokens, dense_layers=plan.dense_layers,
+                    attention=plan.attention,
                     predicted_peak_gib=round(plan.predicted_peak_bytes / GiB, 2),
                     predicted_tokens_per_s=plan.predicted_tokens_per_s, budget_gib=round(budget / GiB, 2),
                     load_s=round(load_s, 1), last_loss=round(loss, 4))
@@ -272,6 +274,116 @@ def _sequential(n: int, batch: int):
     return next_step
 
 
+# ------------------------------------------------------------------------------------------
+# --profile: where a micro-step's time goes (used to calibrate plan.py's cost model)
+# ------------------------------------------------------------------------------------------
+def _time_micro_steps(model, examples, device, batch, steps, warmup, *, packing, budget, rows):
+    from workers.training.model import autocast, micro_batch_loss_sum
+    from workers.training.packing import micro_batches
+
+    reset_peak(device)
+    wall, cpu, n_micro, toks, comp, first = [], [], [], [], [], 0.0
+    for s in range(warmup + steps):
+        exs = examples[s * batch:(s + 1) * batch]
+        mbs = micro_batches(exs, packing=packing, token_budget=budget, rows=rows, pad_id=0)
+        sync(device)
+        t0 = time.perf_counter()
+        for mb in mbs:
+            mb = mb.to(device)
+            with autocast(device):
+                loss = micro_batch_loss_sum(model, mb)
+            (loss / 1000.0).backward()
+            if s == 0:
+                first += float(loss)  # same weights in every config (LoRA B = 0): must agree
+        t1 = time.perf_counter()
+        sync(device)
+        t2 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        if s >= warmup:
+            wall.append(t2 - t0)
+            cpu.append(t1 - t0)
+            n_micro.append(len(mbs))
+            toks.append(sum(len(e) for e in exs))
+            comp.append(sum(mb.shape_tokens for mb in mbs))
+    return {"step_s": round(statistics.median(wall), 4), "mean_step_s": round(sum(wall) / len(wall), 4),
+            "cpu_enqueue_s": round(statistics.median(cpu), 4), "micro_steps": statistics.median(n_micro),
+            "tokens_per_s": round(sum(toks) / sum(wall), 1), "loss_sum_step0": round(first, 3),
+            "computed_tokens": round(sum(comp) / len(comp)),
+            **peaks(device)}
+
+
+def _profile_table(model, examples, device, batch, tag, packing=True):
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.training.model import autocast, micro_batch_loss_sum
+    from workers.training.packing import micro_batches
+
+    exs = examples[:batch]
+    mb = micro_batches(exs, packing=packing, token_budget=10**6, rows=batch, pad_id=0)[0].to(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        with autocast(device):
+            loss = micro_batch_loss_sum(model, mb)
+        loss.backward()
+        sync(device)
+    model.zero_grad(set_to_none=True)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    text = (prof.key_averages().table(sort_by=key, row_limit=25) + "\n\nBY CPU\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    out = os.environ.get("OUT", "/tmp")
+    with open(os.path.join(out, f"profile_{tag}.txt"), "w") as f:
+        f.write(text)
+
+
+def run_profile(path: Path, rows, device: str, batch: int, steps: int) -> None:
+    from service.core.domain import TrainingSpec
+    from workers.training.model import dequantize_layers, enable_varlen_attention, load_trainable
+    from workers.training.recipe import _set_checkpointing
+
+    spec = TrainingSpec(batch_size=batch, learning_rate=1e-4, **LORA, lora_target_modules=TARGETS,
+                        max_source_length=96, max_target_length=260)
+    examples = [chat_example(c, y) for c, y in rows]
+    model = load_trainable(path, spec, TARGETS, device, False)
+    warm = 2
+    n_layers = glm_config(args_tiny).num_hidden_layers
+
+    def grid(tag, cfgs):
+        for name, gc_on, packing, budget, nrows in cfgs:
+            _set_checkpointing(model, gc_on)
+            try:
+                r = _time_micro_steps(model, examples, device, batch, steps, warm, packing=packing,
+                                      budget=budget, rows=nrows)
+            except Exception as exc:  # noqa: BLE001 - record and go on
+                r = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            rec("profile", weights=tag, config=name, gradient_checkpointing=gc_on, **r)
+        _set_checkpointing(model, False)
+
+    full = [("packed_1row", False, True, 10**6, 16), ("packed_1650", False, True, 1650, 16),
+            ("padded_16", False, False, 10**6, 16), ("padded_8", False, False, 10**6, 8),
+            ("packed_1row_gc", True, True, 10**6, 16), ("padded_16_gc", True, False, 10**6, 16)]
+    grid("nf4_sdpa", full)
+    _profile_table(model, examples, device, batch, "nf4_sdpa")
+    varlen = enable_varlen_attention(model, device)
+    rec("profile_varlen", enabled=varlen)
+    if varlen:
+        grid("nf4_varlen", [full[0], full[1], full[4]])
+    half = n_layers // 2
+    rec("profile_dequant", replaced=dequantize_layers(model, half, torch.bfloat16 if device.startswith("cuda")
+                                                      else torch.float32), layers=half)
+    grid(f"dense{half}_{'varlen' if varlen else 'sdpa'}", [full[0], full[4]])
+    rec("profile_dequant", replaced=dequantize_layers(model, n_layers, torch.bfloat16 if device.startswith("cuda")
+                                                      else torch.float32), layers=n_layers)
+    tag = f"dense{n_layers}_{'varlen' if varlen else 'sdpa'}"
+    grid(tag, full)
+    _profile_table(model, examples, device, batch, tag)
+    if varlen:
+        model.get_base_model().set_attn_implementation("sdpa")
+        grid(f"dense{n_layers}_sdpa", [full[0], full[4]])
+
+
 args_tiny = False
 
 
@@ -284,6 +396,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--configs", default="recipe,ours,ours_16gb")
+    ap.add_argument("--profile", action="store_true", help="micro-step timing grid + torch.profiler tables")
     ap.add_argument("--budget-16gb", type=float, default=16e9, help="bytes for ours_16gb")
     args = ap.parse_args()
     args_tiny = args.tiny
@@ -305,6 +418,9 @@ def main() -> None:
     rec("data", rows=len(rows), content_tokens="20-80", summary_tokens="50-250",
         mean_summary=round(sum(len(s) for _, s in rows) / len(rows), 1),
         mean_content=round(sum(len(c) for c, _ in rows) / len(rows), 1))
+    if args.profile:
+        run_profile(path, rows, device, args.batch, steps)
+        return
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     results = {}
     for cfg in configs:

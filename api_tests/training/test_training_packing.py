@@ -25,8 +25,11 @@ def test_first_fit_decreasing_and_packed_row_layout():
     assert mb.targets.tolist() == [[IGNORE_INDEX, 12, 13, IGNORE_INDEX, 21, 22, IGNORE_INDEX]]
     assert mb.attention_mask is None and mb.n_tokens == 7 and mb.n_label_tokens == 4
     pb = padded_batch([a, b], pad_id=0)
-    assert pb.input_ids.shape == (2, 4) and pb.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    assert pb.n_label_tokens == 4
+    # right-padded, no mask (exact under causal attention); labels located on the host
+    assert pb.input_ids.shape == (2, 4) and pb.attention_mask is None
+    assert pb.input_ids.tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]
+    assert pb.n_label_tokens == 4 and pb.label_index.tolist() == [1, 2, 4, 5]
+    assert mb.label_index.tolist() == [1, 2, 4, 5] and mb.cu_seqlens.tolist() == [0, 4, 7]
 
 
 def test_step_sampler_is_a_pure_function_of_seed_and_position():
@@ -69,7 +72,7 @@ def test_packed_loss_and_grads_equal_padded(model_and_examples):
     packed = micro_batches(examples, packing=True, token_budget=10_000, rows=1, pad_id=0)
     assert len(packed) == 1 and packed[0].input_ids.shape[0] == 1  # one row, no padding
     padded = micro_batches(examples, packing=False, token_budget=10_000, rows=len(examples), pad_id=0)
-    assert len(padded) == 1 and padded[0].attention_mask is not None
+    assert len(padded) == 1 and padded[0].input_ids.shape[0] == len(examples)
     several = micro_batches(examples, packing=True, token_budget=max(len(e) for e in examples) + 5,
                             rows=1, pad_id=0)
     assert len(several) > 1

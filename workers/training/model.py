@@ -3,6 +3,7 @@ the loss of one micro-batch, and the check that packed rows are really honoured.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 
 def load_trainable(path, spec: TrainingSpec, target_modules: Sequence[str], device: str,
-                   gradient_checkpointing: bool):
+                   gradient_checkpointing: bool, *, dense_layers: int = 0, attention: str = "sdpa"):
     """NF4 (double quant) base, prepared for k-bit training, with a fresh LoRA adapter.
 
     `prepare_model_for_kbit_training` freezes the base and upcasts every non-4-bit parameter
@@ -42,6 +43,13 @@ def load_trainable(path, spec: TrainingSpec, target_modules: Sequence[str], devi
     lm_head, norms, biases) back: bf16 has fp32's range, frozen weights accumulate nothing,
     and it saves ~2 GiB on a 6B model and keeps every matmul on bf16 tensor cores. The
     LoRA weights stay fp32 (the optimizer's master copy).
+
+    `dense_layers` (the memory plan's choice): the first N decoder layers get their NF4
+    weights dequantized ONCE into frozen compute-dtype nn.Linear modules. bitsandbytes
+    dequantizes the same weights to the same dtype before every matmul, forward and backward,
+    so the numbers are identical; what goes away is the per-micro-step dequantization and the
+    Python/dispatch cost of the 4-bit path, at 1.5 extra bytes per parameter. `attention`:
+    "varlen" uses torch's flash varlen kernel on packed rows (CUDA, when available).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -65,6 +73,10 @@ def load_trainable(path, spec: TrainingSpec, target_modules: Sequence[str], devi
         for p in model.parameters():
             if p.dtype == torch.float32 and not p.requires_grad:
                 p.data = p.data.to(dtype)
+    if spec.load_in_4bit and dense_layers:
+        dequantize_layers(model, dense_layers, dtype)
+    if attention == "varlen":
+        enable_varlen_attention(model, device)
     lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=spec.lora_dropout,
                       target_modules=list(target_modules), task_type="CAUSAL_LM", bias="none")
     try:
@@ -88,6 +100,103 @@ def _no_cpu_inference_repack(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def dequantize_layers(model, n_layers: int, dtype: torch.dtype) -> int:
+    """Replace the bitsandbytes 4-bit Linear modules of decoder layers 0..n_layers-1 by frozen
+    dense Linear modules holding the dequantized weights (exactly what bnb computes with).
+    Returns how many modules were replaced."""
+    import bitsandbytes as bnb
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        m = _LAYER_RE.search(name)
+        if m is None or int(m.group(1)) >= n_layers:
+            continue
+        w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype)
+        dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                device=w.device, dtype=dtype)
+        dense.weight = torch.nn.Parameter(w.reshape(module.out_features, module.in_features),
+                                          requires_grad=False)
+        if module.bias is not None:
+            dense.bias = torch.nn.Parameter(module.bias.data.to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, dense)
+        del module, w
+        replaced += 1
+    if replaced and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return replaced
+
+
+VARLEN_IMPL = "tuneserve_varlen"
+
+
+def _varlen_fn():
+    """torch's flash varlen attention, adapted to the signature of the installed torch (2.10+
+    takes is_causal, newer ones window_size/enable_gqa), or None when it is not there."""
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+
+    def run(q, k, v, cu, max_len, scale):
+        if q.shape[1] != k.shape[1]:
+            if gqa:
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=True, **causal)
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, **causal)
+    return run
+
+
+def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              **kwargs):
+    """transformers attention interface: packed single row with `cu_seq_lens_q` in kwargs ->
+    flash varlen (no T^2 mask); anything else (generation, padding masks) -> sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    run = _varlen_fn() if cu is not None and query.shape[0] == 1 and query.is_cuda else None
+    if run is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    q = query[0].transpose(0, 1).contiguous()   # [T, H, D]
+    k = key[0].transpose(0, 1).contiguous()
+    v = value[0].transpose(0, 1).contiguous()
+    out = run(q, k, v, cu, int(kwargs["max_length_q"]), scaling)
+    return out.unsqueeze(0), None               # [1, T, H, D], like sdpa's
+
+
+def enable_varlen_attention(model, device: str) -> bool:
+    """Switch the model to the varlen attention interface (CUDA with torch varlen only)."""
+    if not device.startswith("cuda") or _varlen_fn() is None:
+        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN_IMPL, _varlen_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_IMPL, sdpa_mask)  # the fallback path needs masks
+    try:
+        model.set_attn_implementation(VARLEN_IMPL)
+    except Exception:  # noqa: BLE001 - an older transformers: keep sdpa
+        return False
+    return True
+
+
+def uses_varlen(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "_attn_implementation", None) == VARLEN_IMPL
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -127,19 +236,27 @@ def micro_batch_loss_sum(model, mb: MicroBatch, *, chunk: int = CE_CHUNK) -> tor
     micro-batch never exist at once. `use_cache=False`: with a cache transformers would not
     read restarting position_ids as packed sequences.
     """
-    keep = mb.targets != IGNORE_INDEX
+    idx = mb.label_index
+    if idx is None:
+        idx = (mb.targets.reshape(-1) != IGNORE_INDEX).nonzero().reshape(-1)
+    t = mb.targets.reshape(-1).index_select(0, idx)
+    n = mb.n_label_tokens if mb.label_index is not None else int(idx.numel())
+    extra = {}
+    if mb.cu_seqlens is not None and uses_varlen(model):
+        extra = {"cu_seq_lens_q": mb.cu_seqlens, "cu_seq_lens_k": mb.cu_seqlens,
+                 "max_length_q": mb.max_seqlen, "max_length_k": mb.max_seqlen}
     parts = _parts(model)
     if parts is None:  # generic path: full logits
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                    position_ids=mb.position_ids, use_cache=False)
-        return torch.nn.functional.cross_entropy(out.logits[keep].float(), mb.targets[keep], reduction="sum")
+                    position_ids=mb.position_ids, use_cache=False, **extra)
+        logits = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, idx)
+        return torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum")
     decoder, head = parts
     hidden = decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                     position_ids=mb.position_ids, use_cache=False).last_hidden_state
-    h = hidden[keep]
-    t = mb.targets[keep]
+                     position_ids=mb.position_ids, use_cache=False, **extra).last_hidden_state
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, h.shape[0], chunk):
+    for s in range(0, n, chunk):
         total = total + torch.utils.checkpoint.checkpoint(
             _ce_chunk, head, h[s: s + chunk], t[s: s + chunk], use_reentrant=False)
     return total
@@ -160,7 +277,13 @@ def check_packing(model, device: str, vocab_size: int) -> bool:
                                          use_cache=False).logits.float()
             la = fwd(a, torch.arange(7)[None])
             lb = fwd(b, torch.arange(5)[None])
-            packed = fwd(torch.cat([a, b], 1), torch.cat([torch.arange(7), torch.arange(5)])[None])
+            extra = {}
+            if uses_varlen(model):  # check the kernel training will use
+                cu = torch.tensor([0, 7, 12], dtype=torch.int32, device=device)
+                extra = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 7, "max_length_k": 7}
+            packed = model(input_ids=torch.cat([a, b], 1).to(device), use_cache=False,
+                           position_ids=torch.cat([torch.arange(7), torch.arange(5)])[None].to(device),
+                           **extra).logits.float()
         ref = torch.cat([la, lb], 1)
         tol = 1e-3 if device == "cpu" else 5e-2
         return bool(torch.allclose(packed, ref, atol=tol * max(1.0, float(ref.abs().max())), rtol=0))

@@ -31,10 +31,11 @@ The memory model (bytes; `c` = compute bytes per element: 2 for bf16 on CUDA, 4 
 
 Plan = largest micro-batch T (capped by the largest step's tokens and MAX_MICRO_TOKENS) for
 which fixed + activations(T) <= budget * (1 - SLACK). Checkpointing is chosen, when allowed,
-by an explicit cost model: a micro-step costs `passes` dequantizations of the NF4 weights
-(2 without checkpointing, 3 with: forward, recompute, backward) plus `units` forward-FLOP
-units per token (2 vs 3), so small micro-batches without checkpointing can beat large ones
-with it (and vice versa on small cards). The constants are coarse and stated; bench/training.py
+by an explicit cost model (constants below, measured): a micro-step costs max(host time,
+device time); the host time is large and nearly independent of the micro-batch size, so one
+large micro-step with checkpointing beats several small ones without it on small cards.
+Memory the chosen micro-batch leaves unused holds decoder layers dequantized to the compute
+dtype (`dense_layers`), which removes the NF4 path's per-pass cost at identical numbers. The constants are coarse and stated; bench/training.py
 prints predicted vs measured peak so they can be checked on a real card.
 """
 from __future__ import annotations
@@ -58,9 +59,15 @@ EXTRA_PER_TOKEN_H = 8
 CE_CHUNK = 512
 MAX_MICRO_TOKENS = 16384   # one packed row: attention cost grows with T^2
 CPU_BUDGET_DEFAULT = 64 * GiB
-# Cost model (H100-class; only the ratio matters for choosing checkpointing):
-DEQUANT_S_PER_PARAM = 1.93e-12    # bnb NF4 dequantize pass (SEED_BASELINE: 5.71e9 params ~ 11 ms)
-FLOPS = 400e12                    # effective bf16 matmul throughput
+# Cost model, calibrated with `bench/training.py --profile` on an H200 (2026-11-28, 6B GLM, NF4,
+# LoRA r4 q/k/v, ~3,140-token steps): the host (Python: transformers + peft + bnb dispatch,
+# ~4,000 kernel launches) enqueues a micro-step in ~0.20 s whatever its size, the device needs
+# ~0.11 s for 3,140 tokens, so a micro-step costs max(host, device) and fewer, larger micro-steps
+# win; checkpointing adds ~50% (one more forward); each NF4 layer adds ~0.7 ms per pass
+# (dequantize + the 4-bit path's dispatch) compared with a dequantized (dense) layer.
+MICRO_HOST_S = 0.20
+NF4_LAYER_PASS_S = 0.7e-3
+FLOPS = 700e12                    # measured bf16 matmul throughput in the training step
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,8 @@ class MemoryPlan:
     max_example_tokens: int
     mean_example_tokens: float
     predicted_tokens_per_s: float | None = None
+    dense_layers: int = 0            # decoder layers held dequantized (model.dequantize_layers)
+    attention: str = "sdpa"          # "varlen": flash varlen kernel on packed rows (CUDA)
     reason: str = ""
     candidates: list[dict] = field(default_factory=list)
 
@@ -199,7 +208,8 @@ class MemoryPlan:
                 + ("" if self.packing else f" ({self.micro_batch_rows} rows)")
                 + f", ~{self.gradient_accumulation_steps} micro-steps per step of "
                 f"{self.effective_batch_size} rows, gradient checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'}; predicted peak "
+                f"{'on' if self.gradient_checkpointing else 'off'}, {self.dense_layers} layers "
+                f"dequantized, {self.attention} attention; predicted peak "
                 f"{self.predicted_peak_bytes / GiB:.1f} of {self.budget_bytes / GiB:.1f} GiB")
 
 
@@ -217,17 +227,28 @@ def device_budget(device: str) -> int:
         return CPU_BUDGET_DEFAULT
 
 
-def _step_time(s: ModelShape, step_tokens: float, micro_tokens: int, checkpointing: bool) -> float:
+def _step_time(s: ModelShape, step_tokens: float, micro_tokens: int, checkpointing: bool,
+               nf4_layers: int = 0) -> float:
+    """Seconds per optimizer step: each micro-step costs max(host, device) time (see the
+    constants: measured, the host side dominates at these sizes)."""
     n_micro = max(1, math.ceil(step_tokens / max(micro_tokens, 1)))
-    passes, units = (3, 3) if checkpointing else (2, 2)
-    dequant = n_micro * passes * s.quantized_params * DEQUANT_S_PER_PARAM
-    compute = step_tokens * units * 2 * s.total_params / FLOPS
-    return dequant + compute
+    passes = 3 if checkpointing else 2
+    tokens = step_tokens / n_micro
+    host = MICRO_HOST_S * (1.5 if checkpointing else 1.0) + NF4_LAYER_PASS_S * passes * nf4_layers
+    device = tokens * passes * 2 * s.total_params / FLOPS
+    return n_micro * max(host, device)
+
+
+def dense_layer_bytes(s: ModelShape, memory: "MemoryModel") -> int:
+    """Extra bytes of one decoder layer held dequantized (compute dtype) instead of NF4."""
+    if not memory.quantized:
+        return 0
+    return int(s.quantized_params / max(s.layers, 1) * (memory.compute_bytes - NF4_BYTES_PER_PARAM))
 
 
 def choose_plan(shape: ModelShape, lengths: Sequence[int], spec: TrainingSpec, budget_bytes: int, *,
                 memory: MemoryModel | None = None, world_size: int = 1,
-                packing_supported: bool = True) -> MemoryPlan:
+                packing_supported: bool = True, allow_dense: bool = True) -> MemoryPlan:
     """Pick the plan (see module docstring). Raises TrainingError(code="invalid_plan") when even
     one longest example cannot be trained within the budget."""
     memory = memory or MemoryModel()
@@ -260,10 +281,19 @@ def choose_plan(shape: ModelShape, lengths: Sequence[int], spec: TrainingSpec, b
             tokens = rows * max_len if feasible else tokens
         else:
             rows = max(1, min(rows_per_rank, tokens // max(max_len, 1)))
-        t = _step_time(shape, avg_step, tokens, gc) if feasible else None
+        peak = memory.peak_bytes(shape, tokens, gc, packing)
+        # Spend what the micro-batch leaves on dequantized (dense) layers: faster, same numbers.
+        per_layer = dense_layer_bytes(shape, memory)
+        dense = 0
+        if feasible and per_layer and allow_dense:
+            room = budget_bytes * (1 - SLACK) - peak
+            dense = max(0, min(shape.layers, int(room // per_layer)))
+        peak += dense * per_layer
+        nf4 = (shape.layers - dense) if memory.quantized else 0
+        t = _step_time(shape, avg_step, tokens, gc, nf4) if feasible else None
         candidates.append({"gradient_checkpointing": gc, "max_tokens": cap, "micro_batch_tokens": tokens,
-                           "micro_batch_rows": rows, "feasible": feasible,
-                           "predicted_peak_bytes": memory.peak_bytes(shape, tokens, gc, packing),
+                           "micro_batch_rows": rows, "feasible": feasible, "dense_layers": dense,
+                           "predicted_peak_bytes": peak,
                            "predicted_tokens_per_s": round(avg_step / t, 1) if t else None})
     ok = [c for c in candidates if c["feasible"]]
     if not ok:
@@ -294,4 +324,6 @@ def choose_plan(shape: ModelShape, lengths: Sequence[int], spec: TrainingSpec, b
         fixed_bytes=memory.fixed_bytes(shape), per_token_bytes=int(memory.per_token_bytes(shape, gc)),
         predicted_peak_bytes=best["predicted_peak_bytes"], max_example_tokens=max_len,
         mean_example_tokens=round(mean_len, 1), predicted_tokens_per_s=best["predicted_tokens_per_s"],
+        dense_layers=best["dense_layers"],
+        attention="varlen" if packing and memory.compute_bytes == 2 else "sdpa",
         reason=why, candidates=candidates)

@@ -26,7 +26,8 @@ from workers.training import checkpoint as ckpt
 from workers.training.data import Example, fingerprint, length_stats, tokenize_conversations, total_steps
 from workers.training.loop import Dist, LoopState, TrainLoop, make_optimizer
 from workers.training.model import check_packing, load_trainable, resolve_device
-from workers.training.plan import GiB, MemoryModel, MemoryPlan, choose_plan, device_budget, model_shape
+from workers.training.plan import (GiB, MemoryModel, MemoryPlan, choose_plan, dense_layer_bytes, device_budget,
+                                   model_shape)
 
 ADAPTER_DIR = "adapter"
 Conversations = Sequence[Sequence[dict]] | Callable[[], Iterable[Sequence[dict]]]
@@ -210,12 +211,15 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
 
     # --- model ------------------------------------------------------------------------------
     _seed_all(spec.seed)  # the same LoRA initialisation on every rank
-    model = load_trainable(path, spec, targets, device, plan.gradient_checkpointing)
+    model = load_trainable(path, spec, targets, device, plan.gradient_checkpointing,
+                           dense_layers=plan.dense_layers, attention=plan.attention)
     if dist_.world > 1:
         _seed_all(spec.seed + 1000 * dist_.rank)  # but independent dropout masks per rank
     if plan.packing and not check_packing(model, device, shape.vocab):
-        plan = choose_plan(shape, lengths, spec, budget, memory=memory, world_size=dist_.world,
-                           packing_supported=False)
+        loaded_dense = plan.dense_layers  # already dequantized: plan around them
+        plan = choose_plan(shape, lengths, spec, budget - loaded_dense * dense_layer_bytes(shape, memory),
+                           memory=memory, world_size=dist_.world, packing_supported=False, allow_dense=False)
+        plan.dense_layers = loaded_dense
         _set_checkpointing(model, plan.gradient_checkpointing)
         say("this model's attention does not honour packed sequences; using length-grouped "
             "padded micro-batches instead. " + plan.summary(), level="warn",
