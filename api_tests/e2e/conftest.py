@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from e2e_harness import SHARED_REDIS, Client, Proc, System, shared_redis_db, wait_for
+from e2e_harness import SHARED_REDIS, Client, Proc, System, cleanup_broker, shared_redis_db, wait_for
 
 
 def _redis_up() -> bool:
@@ -66,10 +66,8 @@ def deployment(tmp_path_factory, demo_model) -> Iterator[Deployment]:
     finally:
         system.stop_all()
         try:
-            r = redis.Redis.from_url(system.redis_url)
-            r.delete(system.queue, *(f"{system.queue}\x06\x16{p}" for p in (3, 6, 9)))
-            r.close()
-        except Exception:
+            cleanup_broker(system.redis_url, system.queue)
+        except Exception:  # best effort: the keys are this run's only
             pass
 
 

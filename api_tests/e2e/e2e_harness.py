@@ -43,7 +43,7 @@ AUTH_B = {"Authorization": f"Bearer {KEY_B}"}
 FINAL = {"succeeded", "failed", "cancelled"}
 
 __all__ = ["RedisServer", "free_port", "System", "Proc", "Client", "wait_for", "sample_rows", "jsonl_bytes",
-           "shared_redis_db", "loss_curve", "iter_sse", "AUTH_A", "AUTH_B", "KEY_A", "KEY_B"]
+           "shared_redis_db", "cleanup_broker", "loss_curve", "iter_sse", "AUTH_A", "AUTH_B", "KEY_A", "KEY_B"]
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
@@ -73,6 +73,31 @@ def shared_redis_db() -> int:
     anyway; a separate db also keeps kombu's global `unacked` hash and restore mutex away from
     other suites that kill workers on db 0."""
     return 1 + secrets.randbelow(15)
+
+
+def cleanup_broker(redis_url: str, queue: str) -> None:
+    """Remove what kombu kept on a shared Redis for this run's queue: the queue lists, its
+    bindings, and unacked messages routed to it (a SIGKILLed worker leaves one behind)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
+    try:
+        r.delete(queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9)),
+                 f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+        for tag, raw in r.hgetall("unacked").items():
+            try:
+                routing_key = json.loads(raw)[2]
+            except Exception:
+                continue
+            if routing_key == queue:
+                r.hdel("unacked", tag)
+                r.zrem("unacked_index", tag)
+        # A worker's remote-control binding is all that is left in a database nobody else uses.
+        leftovers = {k.decode() for k in r.keys("*")}
+        if leftovers and leftovers <= {"_kombu.binding.celery.pidbox", "_kombu.binding_deadlines"}:
+            r.delete(*leftovers)
+    finally:
+        r.close()
 
 
 @dataclass

@@ -118,7 +118,17 @@ def _inventory(c: Client) -> dict:
     }
 
 
-def test_api_restart_mid_stream_keeps_everything(deployment):
+@pytest.fixture
+def restartable(deployment):
+    """The shared deployment; whatever happens in the test, its API is up again afterwards
+    (on the same port) for the tests that follow."""
+    yield deployment
+    if not deployment.api.alive():
+        deployment.api = deployment.system.start_api(port=deployment.api.port)
+
+
+def test_api_restart_mid_stream_keeps_everything(restartable):
+    deployment = restartable
     system = deployment.system
     c = deployment.client()
     f = c.upload(jsonl_bytes(sample_rows(32)), "restart.jsonl")

@@ -54,6 +54,8 @@ def test_text_format_and_configure(monkeypatch):
     stream = io.StringIO()
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    others = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+              for n in ("uvicorn", "uvicorn.error", "celery")}
     try:
         monkeypatch.setenv("TUNESERVE_LOG_FORMAT", "json")
         configure_logging("worker", "INFO", stream=stream)
@@ -70,6 +72,9 @@ def test_text_format_and_configure(monkeypatch):
             if h not in saved[0]:
                 root.removeHandler(h)
         root.setLevel(saved[1])
+        for n, (handlers, propagate) in others.items():
+            logging.getLogger(n).handlers, logging.getLogger(n).propagate = handlers, propagate
+        logging.captureWarnings(False)
 
 
 def _json_lines(text: str) -> list[dict]:
