@@ -58,12 +58,13 @@ def make_peft_adapter(base_model, out_dir: Path, *, seed: int, r: int = 4, alpha
 
 
 def publish(registry, base_model, *, tenant: str, name: str, seed: int, r: int = 4, alpha: float = 8.0,
-            targets=TARGETS, base_model_name: str = "chatglm3-tiny", manifest_targets=None):
+            targets=TARGETS, base_model_name: str = "chatglm3-tiny", manifest_targets=None,
+            base_model_fingerprint: str | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         src = make_peft_adapter(base_model, Path(tmp) / "a", seed=seed, r=r, alpha=alpha, targets=targets)
         return registry.publish(tenant=tenant, name=name, source_dir=src, manifest={
             "base_model": base_model_name, "target_modules": list(manifest_targets or targets),
-            "r": r, "lora_alpha": alpha})
+            "r": r, "lora_alpha": alpha, "base_model_fingerprint": base_model_fingerprint})
 
 
 def peft_greedy(base_model, adapter_dir: Path | None, prompt_ids: list[int], stop_ids: list[int],

@@ -54,7 +54,11 @@ def test_mismatched_adapters_are_refused(engine, registry, base_fp32):
     # Manifest claims q/k/v, weights are on the MLP: the weights decide.
     publish(registry, base_fp32, tenant="t1", name="liar", seed=3, targets=["down_proj"],
             manifest_targets=["q_proj"])
-    for name, needle in (("other-base", "trained on base"), ("o-proj", "o_proj"), ("liar", "down_proj")):
+    # Same base name, but trained on a base whose config differs (the trainer writes
+    # service.models.base_model_fingerprint into every manifest).
+    publish(registry, base_fp32, tenant="t1", name="other-config", seed=6, base_model_fingerprint="0" * 64)
+    for name, needle in (("other-base", "trained on base"), ("o-proj", "o_proj"), ("liar", "down_proj"),
+                         ("other-config", "fingerprint")):
         with pytest.raises(AdapterMismatch) as err:
             _answer(engine, name)
         assert needle in err.value.message and err.value.status_code == 409

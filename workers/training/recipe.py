@@ -5,7 +5,6 @@ invalid_plan / internal, or Cancelled)."""
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import os
@@ -99,13 +98,6 @@ def _seed_all(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _config_fingerprint(path: Path | str) -> str | None:
-    p = Path(str(path)) / "config.json"
-    if p.is_file():
-        return hashlib.sha256(p.read_bytes()).hexdigest()
-    return None
-
-
 def _spec_key(spec: TrainingSpec) -> dict[str, Any]:
     """Spec fields a checkpoint must agree on to be resumed (the run's trajectory)."""
     keys = ("batch_size", "learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "max_grad_norm",
@@ -160,7 +152,7 @@ def run_training(run: TrainingRun, progress: Progress | None = None) -> Training
 def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     from transformers import AutoConfig
 
-    from service.models import load_tokenizer, model_family, resolve_base_model
+    from service.models import base_model_fingerprint, load_tokenizer, model_family, resolve_base_model
     from service.models import default_lora_targets
 
     spec = run.spec
@@ -228,7 +220,7 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     optimizer, scheduler = make_optimizer(model, spec, n_steps, device)
 
     # --- resume ----------------------------------------------------------------------------
-    resume_key = {"data": data_fp, "spec": _spec_key(spec), "base": _config_fingerprint(path),
+    resume_key = {"data": data_fp, "spec": _spec_key(spec), "base": base_model_fingerprint(path),
                   "world_size": dist_.world}
     state, resumed_from = LoopState(), None
     for cand in reversed(ckpt.complete_checkpoints(work_dir)):
@@ -331,7 +323,7 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
                 "memory_plan": plan.to_dict(), "throughput": throughput,
                 "loss_history": _downsample(state.loss_history), "eval_history": _downsample(state.eval_history), "resumed_from_step": resumed_from,
                 "wall_seconds": round(time.time() - t_start, 1)}
-    manifest = {"base_model": run.base_model_ref, "base_model_fingerprint": _config_fingerprint(path),
+    manifest = {"base_model": run.base_model_ref, "base_model_fingerprint": base_model_fingerprint(path),
                 "model_family": family, "target_modules": targets, "r": spec.lora_r,
                 "lora_alpha": spec.lora_alpha, "job_id": run.job_id, "training": training, "metrics": metrics}
     if not run.keep_checkpoints:
