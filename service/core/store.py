@@ -148,6 +148,21 @@ class ApiKeyRow(Base):
 # ---------------------------------------------------------------------------------------
 # Row -> record
 # ---------------------------------------------------------------------------------------
+def _newest_first_page(session, row_type, scope, after: str | None, limit: int, *, what: str):
+    """Keyset pagination on the insertion sequence (ties in timestamps cannot reorder pages):
+    rows within `scope` older than the `after` row, newest first, and whether more exist."""
+    limit = max(1, int(limit))
+    q = sa.select(row_type).where(scope)
+    if after is not None:
+        cursor = session.execute(
+            sa.select(row_type.seq).where(row_type.id == after, scope)).scalar_one_or_none()
+        if cursor is None:
+            raise InvalidInput(f"after: {after!r} is no {what}", param="after")
+        q = q.where(row_type.seq < cursor)
+    rows = list(session.execute(q.order_by(row_type.seq.desc()).limit(limit + 1)).scalars())
+    return rows[:limit], len(rows) > limit
+
+
 def _file(row: FileRow) -> FileInfo:
     return FileInfo(id=row.id, tenant=row.tenant, filename=row.filename, purpose=row.purpose,
                     bytes=row.bytes, rows=row.rows, format=DatasetFormat(row.format),
@@ -376,18 +391,9 @@ class Store:
 
     def list_jobs(self, tenant: str, *, after: str | None = None, limit: int = 20) -> tuple[list[Job], bool]:
         """Newest first. `after` is the id of the last job of the previous page."""
-        limit = max(1, int(limit))
-        q = sa.select(JobRow).where(JobRow.tenant == tenant)
         with self._read() as s:
-            if after is not None:
-                cursor = s.execute(
-                    sa.select(JobRow.seq).where(JobRow.id == after, JobRow.tenant == tenant)
-                ).scalar_one_or_none()
-                if cursor is None:
-                    raise InvalidInput(f"after: no job {after!r}", param="after")
-                q = q.where(JobRow.seq < cursor)
-            rows = list(s.execute(q.order_by(JobRow.seq.desc()).limit(limit + 1)).scalars())
-            return [_job(r) for r in rows[:limit]], len(rows) > limit
+            rows, has_more = _newest_first_page(s, JobRow, JobRow.tenant == tenant, after, limit, what="job")
+            return [_job(r) for r in rows], has_more
 
     def transition(self, job_id: str, new: JobStatus, *, error: JobError | None = None,
                    fine_tuned_model: str | None = None, worker_id: str | None = None,
@@ -470,18 +476,10 @@ class Store:
 
     def list_events(self, job_id: str, *, after: str | None = None, limit: int = 20) -> tuple[list[JobEvent], bool]:
         """Newest first, like OpenAI; `after` is the id of the last event of the previous page."""
-        limit = max(1, int(limit))
-        q = sa.select(EventRow).where(EventRow.job_id == job_id)
         with self._read() as s:
-            if after is not None:
-                cursor = s.execute(
-                    sa.select(EventRow.seq).where(EventRow.id == after, EventRow.job_id == job_id)
-                ).scalar_one_or_none()
-                if cursor is None:
-                    raise InvalidInput(f"after: no event {after!r} for this job", param="after")
-                q = q.where(EventRow.seq < cursor)
-            rows = list(s.execute(q.order_by(EventRow.seq.desc()).limit(limit + 1)).scalars())
-            return [_event(r) for r in rows[:limit]], len(rows) > limit
+            rows, has_more = _newest_first_page(s, EventRow, EventRow.job_id == job_id, after, limit,
+                                                what="event of this job")
+            return [_event(r) for r in rows], has_more
 
     def all_events(self, job_id: str) -> list[JobEvent]:
         """Oldest first (loss curves)."""
