@@ -27,6 +27,7 @@ from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
 from service.core.registry import AdapterRegistry
 from service.core.store import Store
+from service.logging import log_context
 
 log = logging.getLogger("tuneserve.api")
 
@@ -145,7 +146,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, _send)
+            # Every line logged while serving this request (routes, engine admission) carries its id.
+            with log_context(request_id=rid):
+                await self.app(scope, receive, _send)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"

@@ -153,6 +153,7 @@ def create_job(body: JobCreate, tenant: TenantDep, store: StoreDep, queue: Queue
         raise ServiceUnavailable("the training queue is unavailable; the job was not created, retry later",
                                  code="queue_unavailable") from None
     state.metrics.jobs_created.inc()
+    log.info("job created and enqueued", extra={"job_id": job.id, "tenant": tenant})
     return JobPublic.from_domain(job)
 
 
@@ -171,7 +172,9 @@ def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
 def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
-    return JobPublic.from_domain(store.request_cancel(job_id, tenant))
+    job = store.request_cancel(job_id, tenant)
+    log.info("job cancel requested (status now %s)", job.status.value, extra={"job_id": job.id})
+    return JobPublic.from_domain(job)
 
 
 @router.get("/{job_id}/events", response_model=JobEventList)
