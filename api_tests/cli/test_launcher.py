@@ -15,14 +15,9 @@ import pytest
 
 from service.core.config import CHATGLM3_HUB_ID, Settings
 from service.launcher import DEMO_BANNER, LaunchError, choose_base_model, ensure_default_key, redis_ping, start_redis
+from harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_model_choice_follows_design(cli_env):

@@ -3,7 +3,6 @@ worker process + the machine's Redis) is shared by every test of the session tha
 need to break something; tests that kill a component build their own (see e2e_harness)."""
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,14 +70,3 @@ def deployment(tmp_path_factory, demo_model) -> Iterator[Deployment]:
             pass
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A dedicated redis-server on its own free port (never the machine's 6379)."""
-    from e2e_harness import RedisServer
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.kill()

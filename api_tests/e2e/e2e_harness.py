@@ -19,8 +19,7 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,7 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "api_tests" / "workers"))  # the worker tests' harness (RedisServer, free_port)
-from worker_harness import RedisServer, free_port  # noqa: E402
+from harness import RedisServer, free_port, wait_for  # noqa: E402
 
 SAMPLE = REPO / "service" / "data" / "advertisegen_sample.jsonl"
 SAMPLE_VAL = REPO / "service" / "data" / "advertisegen_sample_val.jsonl"
@@ -44,19 +42,6 @@ FINAL = {"succeeded", "failed", "cancelled"}
 
 __all__ = ["RedisServer", "free_port", "System", "Proc", "Client", "wait_for", "sample_rows", "jsonl_bytes",
            "shared_redis_db", "cleanup_broker", "loss_curve", "iter_sse", "AUTH_A", "AUTH_B", "KEY_A", "KEY_B"]
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2,
-             diagnostics: Callable[[], str] = lambda: "") -> Any:
-    """Poll until predicate() is truthy; generous timeouts instead of sleeps (noisy 2-core hosts)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
-        time.sleep(interval)
 
 
 def sample_rows(n: int, source: Path = SAMPLE) -> list[dict]:

@@ -6,7 +6,6 @@ store is the truth); every job completes."""
 from __future__ import annotations
 
 import secrets
-import shutil
 import time
 
 import pytest
@@ -16,7 +15,6 @@ from service.core.store import Store
 from workers.celery_app import make_celery, send_train
 from worker_harness import (
     Env,
-    RedisServer,
     create_job,
     dump_worker_logs,
     tiny_spec,
@@ -26,17 +24,6 @@ from worker_harness import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def test_redis_restarted_empty_with_jobs_queued_loses_none(tmp_path, own_redis):

@@ -152,7 +152,7 @@ def test_reaper_requeues_job_of_dead_local_process_at_once(reaper_parts, store):
     assert reaper.run_once().requeued == [job.id]
 
 
-def test_reaper_resends_queued_jobs_the_broker_lost_after_grace(reaper_parts, store, redis_server, world):
+def test_reaper_resends_queued_jobs_the_broker_lost_after_grace(reaper_parts, store, own_redis, world):
     reaper, probe, sent = reaper_parts(requeue_grace_s=0.5)
     settings = world.settings()
     app = make_celery(settings, name="tuneserve-test")
@@ -165,4 +165,4 @@ def test_reaper_resends_queued_jobs_the_broker_lost_after_grace(reaper_parts, st
     assert report.resent == [lost.id] and sent == [lost.id]
     assert {in_queue.id, lost.id} <= probe.job_ids()
     assert reaper.run_once().resent == []  # now in the broker: not sent twice
-    assert redis_server.client().llen(settings.task_queue) == 2
+    assert own_redis.client().llen(settings.task_queue) == 2

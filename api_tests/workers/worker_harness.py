@@ -9,11 +9,9 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,68 +20,12 @@ from service.core.datasets import validate_file
 from service.core.domain import Job, JobStatus, TrainingSpec
 from service.core.store import Store
 
+from harness import RedisServer, free_port, wait_for  # noqa: F401  (re-exported for the worker tests)
+
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE_MODEL = REPO / "api_tests" / "fixtures" / "chatglm3-tiny"
 SAMPLE = REPO / "service" / "data" / "advertisegen_sample.jsonl"
 SAMPLE_VAL = REPO / "service" / "data" / "advertisegen_sample_val.jsonl"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-class RedisServer:
-    """A throwaway redis-server: no persistence, so a restart comes back EMPTY."""
-
-    def __init__(self, workdir: Path, port: int | None = None):
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"],
-            stdout=open(self.workdir / f"redis-{self.port}.log", "ab"), stderr=subprocess.STDOUT)
-        wait_for(self.ping, 10, f"redis-server on {self.port}")
-        return self
-
-    def ping(self) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
-        except Exception:
-            return False
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self.proc = None
 
 
 @dataclass
