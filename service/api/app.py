@@ -76,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = await to_thread.run_sync(Store, settings.resolved_database_url)
     queue: JobQueue | None = None
     engine = None
+    reaper = None
     try:
         await to_thread.run_sync(_register_settings_keys, store, settings)
         registry = AdapterRegistry(settings.resolved_registry_dir)
@@ -100,12 +101,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                          base_model_name=primary, base_model_aliases=aliases, engine=engine,
                          engine_error=engine_error, extra={"started_at": int(time.time())})
         metrics.attach(state)
+        if settings.api_reaper:
+            # The workers' sweep, also here: with every worker dead, nothing else would notice.
+            from workers.celery_app import make_celery  # neither imports torch
+            from workers.reaper import ReaperThread
+            reaper = ReaperThread(make_celery(settings), settings)
+            reaper.start()
         app.state.tuneserve = state
         log.info("tuneserve API ready: base model %s, engine %s", primary,
                  "on" if engine else ("failed" if engine_error else "disabled"))
         yield
     finally:
         app.state.tuneserve = None
+        if reaper is not None:
+            reaper.stop()
+            await to_thread.run_sync(reaper.join, 10)
         if engine is not None:
             try:
                 await engine.stop()

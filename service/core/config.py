@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: float = 3600.0
     job_max_attempts: int = 3  # runs of one job (first + redeliveries) before failing worker_lost
     reaper_interval_s: float = 15.0
+    # The API sweeps too, so a job is never left `running` when every worker is gone.
+    api_reaper: bool = True
     requeue_grace_s: float = 60.0  # a queued job missing from the broker this long is re-sent
 
     @field_validator("trust_remote_code_models", "preload_adapters", "dataset_roots", mode="before")
