@@ -222,6 +222,9 @@ async def main_async(args) -> None:
         await single_stream(engine, serving[0], 16, prompt)
         rec("single_stream_adapter_eager", await single_stream(engine, serving[0], args.tokens, prompt))
         engine._runner.use_graphs = True
+    if args.only_single:
+        await engine.stop()
+        return
 
     # 2) many streams over many adapters
     first = await concurrent(engine, serving, args.streams, args.tokens, prompt)
@@ -260,6 +263,7 @@ def main() -> None:
     p.add_argument("--adapter-budget", type=int, default=512 * 1024 * 1024)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (then graphs)")
+    p.add_argument("--only-single", action="store_true", help="stop after the one-stream measurements")
     p.add_argument("--seed-baseline", action="store_true",
                    help="first run bench/reference/seed_recipe_bench.py infer (same card, same checkpoint)")
     p.add_argument("--prompt", default="类型#裙*材质#蕾丝*风格#宫廷*图案#刺绣*衣样式#连衣裙 " * 3)

@@ -131,14 +131,20 @@ class ModelRunner:
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # Static (bucketed) decode shapes; what graphs need. Settable on CPU to test them.
         self.pad_shapes = self.use_graphs
+        # Fewest rows a padded decode step runs. bitsandbytes takes a fused GEMV for one row
+        # and dequantize + GEMM for more, which round differently in bf16; tests raise this
+        # to compare mixed batches with requests alone on the very same kernels.
+        self.min_decode_rows = 1
         self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._graph_failed = False
         self.max_graphs = max_graphs
         self._decode_fn = self._decode_eager
         if torch_compile and self.device.type == "cuda":
-            # Static shapes per bucket; graphs are captured around the compiled function.
-            self._decode_fn = torch.compile(self._decode_eager, dynamic=False)
+            # Graphs are captured around the compiled function. dynamic=None: the first bucket
+            # compiles static, a second kv_len/rows bucket recompiles once with those sizes
+            # symbolic (instead of one ~minute-long compile per bucket).
+            self._decode_fn = torch.compile(self._decode_eager, dynamic=None)
 
     # ----------------------------------------------------------------------------------
     # adapters (columns of the LoRA pool)
@@ -255,7 +261,7 @@ class ModelRunner:
     def decode_buckets(self, max_slot: int, max_pos: int, max_col: int) -> tuple[int, int, int]:
         """(nb, kv_len, hw) for rows 0..max_slot, positions <= max_pos, columns < max_col."""
         if self.pad_shapes or self.use_graphs:
-            nb = _pow2_at_least(max_slot + 1, 1, self.num_slots)
+            nb = _pow2_at_least(max(max_slot + 1, self.min_decode_rows), 1, self.num_slots)
             kv_len = _pow2_at_least(max_pos + 1, 64, self.max_seq_len)
             hw = _pow2_at_least(max_col, 8, self.capacity) if max_col else 0
         else:
@@ -274,9 +280,10 @@ class ModelRunner:
                 return self._decode_fn(nb, kv_len, hw)
             try:
                 entry = self._capture(key)
-            except Exception:  # never let a capture problem take serving down
+            except Exception:  # never let a capture (or compile) problem take serving down
                 log.exception("CUDA graph capture failed for %s; decoding eagerly from now on", key)
                 self._graph_failed = True
+                self._decode_fn = self._decode_eager
                 torch.cuda.synchronize(self.device)
                 return self._decode_fn(nb, kv_len, hw)
             self._graphs[key] = entry
