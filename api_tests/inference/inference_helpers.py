@@ -92,3 +92,60 @@ async def generate_with_ids(engine, req):
     deltas = [d async for d in stream]
     assert "".join(deltas) == stream.result.text
     return stream.result, stream.token_ids, deltas
+
+
+def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]], steps: int = 12,
+                        seed: int = 0) -> tuple[list, list]:
+    """Row isolation without greedy near-ties: every case (prompt, adapter or None) is fed the
+    same fixed token sequence, once alone in slot 0 and once with all cases in one batch;
+    returns (alone, mixed) per-case logits [steps + 1, V] (prefill's last token, then each
+    decode step). Drives the engine's runner directly: the engine must be idle."""
+    import torch
+
+    from service.inference.lora import parse_peft_adapter
+
+    runner = engine._runner
+    assert engine.stats()["running"] == 0
+    names = sorted({a for _, a in cases if a})
+    cols, parsed = {}, {}
+    for name in names:
+        path, _ = engine.registry.resolve(tenant, name)
+        parsed[name] = parse_peft_adapter(path, runner.shapes, runner.dtype)
+        cols[name] = runner.upload_adapter(parsed[name])
+        assert cols[name] is not None
+    g = torch.Generator().manual_seed(seed)
+    prompts = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in cases]
+    forced = torch.randint(5, min(runner.vocab, 500), (len(cases), steps), generator=g)
+
+    def run_together(idxs: list[int]) -> list:
+        n = len(idxs)
+        slots = list(range(n))
+        for slot, i in enumerate(idxs):
+            runner.bind_slot(slot, cols.get(cases[i][1]))
+        hw = max((max(cols[cases[i][1]]) + 1 for i in idxs if cases[i][1]), default=0)
+        out = [[] for _ in idxs]
+        logits = runner.prefill(slots, [prompts[i] for i in idxs], hw)
+        for j in range(n):
+            out[j].append(logits[j].float().cpu())
+        idx = torch.tensor(slots, device=runner.device)
+        runner.tok_buf[idx] = forced[idxs, 0].to(runner.device)
+        runner.pos_buf[idx] = torch.tensor([len(prompts[i]) for i in idxs], device=runner.device)
+        for step in range(steps):
+            max_pos = max(len(prompts[i]) + step for i in idxs)
+            nb, kv_len, hw_b = runner.decode_buckets(n - 1, max_pos, hw)
+            logits = runner.decode(nb, kv_len, hw_b)[:n].float().cpu()
+            for j in range(n):
+                out[j].append(logits[j])
+            if step + 1 < steps:
+                runner.advance(idx, forced[idxs, step + 1].to(runner.device))
+        for slot in slots:
+            runner.clear_slot(slot)
+        return [torch.stack(o) for o in out]
+
+    try:
+        alone = [run_together([i])[0] for i in range(len(cases))]
+        mixed = run_together(list(range(len(cases))))
+    finally:
+        for name in names:
+            runner.release_adapter(cols[name], parsed[name].targeted)
+    return alone, mixed

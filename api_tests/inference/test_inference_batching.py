@@ -8,7 +8,7 @@ import random
 import pytest
 
 from inference_helpers import (FIXTURE, PROMPTS, engine_settings, generate_with_ids, peft_greedy, publish,
-                               request, run)
+                               request, run, teacher_forced_rows)
 from service.core.domain import BASE_ADAPTER
 from service.core.registry import AdapterRegistry
 from service.inference.engine import InferenceEngine
@@ -85,6 +85,15 @@ def test_mixed_batch_equals_alone_and_peft(engine, registry, base_fp32, tokenize
     # The adapters matter: one prompt, three different answers.
     by = {a: x.text for (p, a), x in zip(CASES, alone) if p == PROMPTS[0]}
     assert len({by["a1"], by["a2"], by[BASE_ADAPTER]}) == 3
+
+
+def test_teacher_forced_mixed_rows_equal_alone(engine):
+    # The GPU test's row-isolation check, here in fp32 where it holds to float rounding.
+    cases = [(PROMPTS[0], "a1"), (PROMPTS[1], "a2"), (PROMPTS[2], None), (PROMPTS[0], "a3")]
+    alone, mixed = teacher_forced_rows(engine, "t1", cases)
+    for a, m in zip(alone, mixed):
+        assert (a - m).abs().max() <= 1e-4 * a.abs().max()
+    assert (alone[0] - alone[3]).abs().max() > 0.05 * alone[0].abs().max()  # adapters matter
 
 
 def test_hundred_concurrent_requests_over_five_adapters(engine):

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from inference_helpers import FIXTURE, PROMPTS, engine_settings, publish, request, run
+from inference_helpers import FIXTURE, PROMPTS, engine_settings, publish, request, run, teacher_forced_rows
 from service.core.domain import BASE_ADAPTER
 from service.core.registry import AdapterRegistry
 from service.inference.engine import InferenceEngine
@@ -40,7 +40,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def test_cuda_graphs_mixed_batch_equals_alone_and_eager(gpu_engine):
+def test_cuda_graphs_equal_eager_and_adapters_apply_in_mixed_batches(gpu_engine):
     engine = gpu_engine
     runner = engine._runner
     assert runner.device.type == "cuda" and runner.dtype == torch.bfloat16
@@ -60,34 +60,39 @@ def test_cuda_graphs_mixed_batch_equals_alone_and_eager(gpu_engine):
             await asyncio.sleep(0.005 * (i % 2))
         return await asyncio.gather(*tasks)
 
-    # Every step padded to the full 8 rows, alone or not: the same kernels (bitsandbytes'
-    # dequantize + GEMM) for every row, so any difference would be rows leaking into each
-    # other (slots, masks, LoRA columns), not rounding.
-    runner.min_decode_rows = runner.num_slots
+    alone = [run(ids_of(r)) for r in reqs]
+    mixed = run(together())
+    st = engine.stats()
+    assert st["cuda_graphs"] is True and st["captured_graphs"] > 0  # no silent eager fallback
+    runner.use_graphs = False
     try:
-        alone = [run(ids_of(r)) for r in reqs]
-        mixed = run(together())
-        st = engine.stats()
-        assert st["cuda_graphs"] is True and st["captured_graphs"] > 0  # no silent eager fallback
-        runner.use_graphs = False
-        try:
-            eager_alone = [run(ids_of(r)) for r in reqs]
-        finally:
-            runner.use_graphs = True
+        eager_alone = [run(ids_of(r)) for r in reqs]
     finally:
-        runner.min_decode_rows = 1
-    assert mixed == alone
+        runner.use_graphs = True
     # Graph replay runs the very kernels eager decoding runs on the same (padded) shapes.
     assert eager_alone == alone
     assert len({tuple(alone[0]), tuple(alone[4]), tuple(alone[5])}) >= 2  # adapters change answers
+    # Greedy tokens of a mixed batch vs alone are NOT compared for equality here: in bf16 the
+    # batch shapes differ (one row takes bitsandbytes' fused GEMV, more rows dequantize + GEMM;
+    # prefill batches and kv_len/LoRA buckets change the matmuls' K), and this random tiny
+    # model's flat logits turn that rounding into flipped tokens (measured on an H200: common
+    # prefixes [32, 25, 32, 0, 1, 2] even at one fixed decode shape). Row isolation is checked
+    # below on logits instead, and exact greedy equality on the CPU in fp32.
+    print("common prefix, alone vs mixed:", [_common_prefix(a, m) for a, m in zip(alone, mixed)])
 
-    # One row alone takes the fused 4-bit GEMV, which rounds differently in bf16: a near-tie
-    # of this random tiny model may flip a greedy token. Same first token, and most answers
-    # identical; exact batch invariance at any row count is proven on the CPU in fp32.
-    single = [run(ids_of(r)) for r in reqs]
-    prefixes = [_common_prefix(a, m) for a, m in zip(single, alone)]
-    print("common prefix, 1-row GEMV vs 8-row GEMM:", prefixes)
-    assert min(prefixes) >= 1, prefixes
+
+def test_cuda_teacher_forced_mixed_rows_match_alone(gpu_engine):
+    """Row isolation on the GPU without greedy near-ties: the same tokens fed alone and in a
+    mixed batch give the same logits to bf16 rounding, while another adapter on the same
+    prompt gives clearly different ones (what a leaked slot, mask or LoRA column would do)."""
+    cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[3], "g3"),
+             (PROMPTS[0], "g2"), (PROMPTS[4], "g1")]
+    alone, mixed = teacher_forced_rows(gpu_engine, "t1", cases)
+    rel = [float((a - m).abs().max() / a.abs().max()) for a, m in zip(alone, mixed)]
+    leak = float((alone[0] - alone[4]).abs().max() / alone[0].abs().max())  # g1 vs g2, same prompt
+    print("max relative logit diff, mixed vs alone:", [round(r, 4) for r in rel], "other adapter:", round(leak, 3))
+    assert max(rel) <= 0.05, rel
+    assert leak > 4 * max(rel), (leak, rel)
 
 
 def test_cuda_sampling_seeded_and_cancel(gpu_engine):

@@ -131,10 +131,6 @@ class ModelRunner:
         self.use_graphs = bool(cuda_graphs) and self.device.type == "cuda"
         # Static (bucketed) decode shapes; what graphs need. Settable on CPU to test them.
         self.pad_shapes = self.use_graphs
-        # Fewest rows a padded decode step runs. bitsandbytes takes a fused GEMV for one row
-        # and dequantize + GEMM for more, which round differently in bf16; tests raise this
-        # to compare mixed batches with requests alone on the very same kernels.
-        self.min_decode_rows = 1
         self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool = None
         self._graph_failed = False
@@ -261,7 +257,7 @@ class ModelRunner:
     def decode_buckets(self, max_slot: int, max_pos: int, max_col: int) -> tuple[int, int, int]:
         """(nb, kv_len, hw) for rows 0..max_slot, positions <= max_pos, columns < max_col."""
         if self.pad_shapes or self.use_graphs:
-            nb = _pow2_at_least(max(max_slot + 1, self.min_decode_rows), 1, self.num_slots)
+            nb = _pow2_at_least(max_slot + 1, 1, self.num_slots)
             kv_len = _pow2_at_least(max_pos + 1, 64, self.max_seq_len)
             hw = _pow2_at_least(max_col, 8, self.capacity) if max_col else 0
         else:
