@@ -95,11 +95,12 @@ async def generate_with_ids(engine, req):
 
 
 def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]], steps: int = 12,
-                        seed: int = 0) -> tuple[list, list]:
+                        seed: int = 0) -> tuple[list, list, list]:
     """Row isolation without greedy near-ties: every case (prompt, adapter or None) is fed the
-    same fixed token sequence, once alone in slot 0 and once with all cases in one batch;
-    returns (alone, mixed) per-case logits [steps + 1, V] (prefill's last token, then each
-    decode step). Drives the engine's runner directly: the engine must be idle."""
+    same fixed token sequence alone in slot 0, then with all cases in one batch, then in that
+    batch in reverse slot order; returns (alone, mixed, mixed_reversed), each per case (in
+    `cases` order) logits [steps + 1, V] (prefill's last token, then each decode step).
+    Drives the engine's runner directly: the engine must be idle."""
     import torch
 
     from service.inference.lora import parse_peft_adapter
@@ -115,7 +116,10 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
         assert cols[name] is not None
     g = torch.Generator().manual_seed(seed)
     prompts = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in cases]
-    forced = torch.randint(5, min(runner.vocab, 500), (len(cases), steps), generator=g)
+    # One forced sequence per prompt text: cases that share a prompt see the same tokens.
+    per_prompt = {p: torch.randint(5, min(runner.vocab, 500), (steps,), generator=g)
+                  for p in dict.fromkeys(p for p, _ in cases)}
+    forced = torch.stack([per_prompt[p] for p, _ in cases])
 
     def run_together(idxs: list[int]) -> list:
         n = len(idxs)
@@ -145,7 +149,8 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
     try:
         alone = [run_together([i])[0] for i in range(len(cases))]
         mixed = run_together(list(range(len(cases))))
+        mixed_reversed = run_together(list(reversed(range(len(cases)))))[::-1]
     finally:
         for name in names:
             runner.release_adapter(cols[name], parsed[name].targeted)
-    return alone, mixed
+    return alone, mixed, mixed_reversed

@@ -90,9 +90,10 @@ def test_mixed_batch_equals_alone_and_peft(engine, registry, base_fp32, tokenize
 def test_teacher_forced_mixed_rows_equal_alone(engine):
     # The GPU test's row-isolation check, here in fp32 where it holds to float rounding.
     cases = [(PROMPTS[0], "a1"), (PROMPTS[1], "a2"), (PROMPTS[2], None), (PROMPTS[0], "a3")]
-    alone, mixed = teacher_forced_rows(engine, "t1", cases)
-    for a, m in zip(alone, mixed):
+    alone, mixed, mixed_reversed = teacher_forced_rows(engine, "t1", cases)
+    for a, m, r in zip(alone, mixed, mixed_reversed):
         assert (a - m).abs().max() <= 1e-4 * a.abs().max()
+        assert (m - r).abs().max() <= 1e-4 * a.abs().max()
     assert (alone[0] - alone[3]).abs().max() > 0.05 * alone[0].abs().max()  # adapters matter
 
 

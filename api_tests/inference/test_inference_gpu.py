@@ -81,18 +81,27 @@ def test_cuda_graphs_equal_eager_and_adapters_apply_in_mixed_batches(gpu_engine)
     print("common prefix, alone vs mixed:", [_common_prefix(a, m) for a, m in zip(alone, mixed)])
 
 
-def test_cuda_teacher_forced_mixed_rows_match_alone(gpu_engine):
-    """Row isolation on the GPU without greedy near-ties: the same tokens fed alone and in a
-    mixed batch give the same logits to bf16 rounding, while another adapter on the same
-    prompt gives clearly different ones (what a leaked slot, mask or LoRA column would do)."""
+def test_cuda_teacher_forced_rows_are_isolated(gpu_engine):
+    """Row isolation on the GPU without greedy near-ties. The same tokens are fed (1) to each
+    request alone, (2) to all in one mixed batch, (3) to that batch in reverse slot order.
+    (2) and (3) run the same shapes and kernels, so a row's logits must not depend on its slot
+    or neighbours (a leaked KV slot, mask or LoRA column would move them). Against (1), bf16
+    rounding differs (other shapes, other kernels), so there each mixed row must only be
+    nearer its own request alone than the same prompt under another adapter."""
     cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[3], "g3"),
              (PROMPTS[0], "g2"), (PROMPTS[4], "g1")]
-    alone, mixed = teacher_forced_rows(gpu_engine, "t1", cases)
-    rel = [float((a - m).abs().max() / a.abs().max()) for a, m in zip(alone, mixed)]
-    leak = float((alone[0] - alone[4]).abs().max() / alone[0].abs().max())  # g1 vs g2, same prompt
-    print("max relative logit diff, mixed vs alone:", [round(r, 4) for r in rel], "other adapter:", round(leak, 3))
-    assert max(rel) <= 0.05, rel
-    assert leak > 4 * max(rel), (leak, rel)
+    alone, mixed, mixed_reversed = teacher_forced_rows(gpu_engine, "t1", cases)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / a.abs().max())
+    by_slot = [rel(m, r) for m, r in zip(mixed, mixed_reversed)]
+    vs_alone = [rel(a, m) for a, m in zip(alone, mixed)]
+    print("relative logit diff: reversed slots", [round(x, 5) for x in by_slot],
+          "vs alone", [round(x, 4) for x in vs_alone])
+    assert max(by_slot) <= 1e-2, by_slot
+    # Cases 0 and 4: one prompt, adapters g1 and g2.
+    assert rel(alone[0], mixed[0]) < rel(alone[4], mixed[0])
+    assert rel(alone[4], mixed[4]) < rel(alone[0], mixed[4])
 
 
 def test_cuda_sampling_seeded_and_cancel(gpu_engine):
