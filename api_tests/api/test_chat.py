@@ -165,6 +165,19 @@ def test_prompt_too_long_is_400(client, base_name):
     assert_error(r, 400, param="messages")
 
 
+def test_max_tokens_beyond_context_is_400_and_default_is_clamped(client, base_name):
+    # The fixture's context is 128 tokens; the prompt is about 15.
+    r = complete(client, base_name, max_tokens=120)
+    assert_error(r, 400, param="max_tokens")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/chat", headers=AUTH_A, json={"adapter": base_name, "query": "你好", "max_new_tokens": 500})
+    assert_error(r, 400, param="max_new_tokens")
+    # Without max_tokens the default (256) is clamped to what fits: an answer, not an error.
+    r = client.post("/v1/chat/completions", headers=AUTH_A,
+                    json={"model": base_name, "messages": MSG, "temperature": 0})
+    assert r.status_code == 200, r.text
+
+
 def test_queue_full_is_429_with_retry_after(engine_app, base_name):
     app, client, _ = engine_app
     engine = app.state.tuneserve.engine

@@ -98,7 +98,7 @@ def test_cuda_teacher_forced_rows_are_isolated(gpu_engine):
     vs_alone = [rel(a, m) for a, m in zip(alone, mixed)]
     print("relative logit diff: reversed slots", [round(x, 5) for x in by_slot],
           "vs alone", [round(x, 4) for x in vs_alone])
-    assert max(by_slot) <= 1e-2, by_slot
+    assert max(by_slot) <= 1e-3, by_slot  # measured on an H200: exactly 0
     # Cases 0 and 4: one prompt, adapters g1 and g2.
     assert rel(alone[0], mixed[0]) < rel(alone[4], mixed[0])
     assert rel(alone[4], mixed[4]) < rel(alone[0], mixed[4])

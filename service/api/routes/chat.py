@@ -78,12 +78,18 @@ async def simple_chat(body: SimpleChatCreate, tenant: TenantDep, engine: EngineD
     adapter = await resolve_model(state, tenant, body.adapter or None, param="adapter")
     history, pairs = _history_messages(body.history)
     messages = to_domain_messages(history, param="history") + [ChatMessage(role="user", content=body.query)]
-    params = SamplingParams(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
-                            seed=body.seed)
+    # Only an explicit max_new_tokens is held to the context length (the default is clamped).
+    explicit = {"max_tokens": body.max_new_tokens} if "max_new_tokens" in body.model_fields_set else {}
+    params = SamplingParams(**explicit, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=messages, params=params,
                             request_id=uuid.uuid4().hex, timeout_s=settings.request_timeout_s)
     started = time.perf_counter()
-    result = await engine.generate(req)
+    try:
+        result = await engine.generate(req)
+    except TuneserveError as exc:
+        if exc.param == "max_tokens":  # this route's name for it
+            exc.param = "max_new_tokens"
+        raise
     state.metrics.observe_chat(adapter=adapter != BASE_ADAPTER, stream=False,
                                seconds=time.perf_counter() - started,
                                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
