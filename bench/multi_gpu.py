@@ -80,6 +80,8 @@ def train(base: str, convs: list, work: Path, n_gpus: int, device: str, args) ->
             "losses": [round(p["loss"], 5) for p in pts],
             "plan_events": [m for m in rec_.events if "plan" in m.lower() or "launch" in m.lower()],
             "trained_tokens": out.trained_tokens,
+            # rank 0's own figures: label tok/s over the run, peak GPU memory (per rank)
+            "throughput": (out.result.get("training") or {}).get("throughput"),
             "adapter_files": sorted(p.name for p in Path(out.adapter_dir).iterdir())}
 
 
