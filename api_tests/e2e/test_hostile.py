@@ -233,17 +233,20 @@ def test_hostile_request_is_refused_and_writes_nothing(live, case_id):
     assert deployment.api.alive()
 
 
-def test_max_tokens_beyond_the_context_is_capped_not_honoured(live):
-    """Within the schema's bound (<= 32768) but past the engine's context: not refused (the
-    engine clips, as several OpenAI-compatible servers do), but bounded by the context and
-    reported as finish_reason "length". Recorded here so a change of that policy is deliberate."""
+def test_max_tokens_beyond_the_context_is_refused_and_the_default_capped(live):
+    """Within the schema's bound (<= 32768) but past the engine's context: a 400
+    context_length_exceeded naming max_tokens, as OpenAI answers, nothing written. Without
+    max_tokens the default is bounded by the context and reported as finish_reason "length"."""
     deployment, c, _ = live
     before = _snapshot(deployment)
+    msgs = [{"role": "user", "content": "hi"}]
     r = c.post("/v1/chat/completions", json={"model": deployment.base_model, "max_tokens": 30_000,
-                                             "temperature": 0, "messages": [{"role": "user", "content": "hi"}]})
+                                             "temperature": 0, "messages": msgs})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "max_tokens" and err["code"] == "context_length_exceeded", err
+    r = c.post("/v1/chat/completions", json={"model": deployment.base_model, "temperature": 0, "messages": msgs})
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["choices"][0]["finish_reason"] == "length"
     # TUNESERVE_MAX_SEQ_LEN is 256 positions; the last sampled token never needs one, hence + 1.
-    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= 256 + 1
+    assert r.json()["usage"]["prompt_tokens"] + r.json()["usage"]["completion_tokens"] <= 256 + 1
     assert _snapshot(deployment) == before

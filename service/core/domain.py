@@ -335,6 +335,9 @@ class GenerationRequest(BaseModel):
     params: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str | None = None
     timeout_s: float | None = None
+    # API requests whose client chose max_tokens: refused when it cannot fit the context (as
+    # OpenAI does). Otherwise (the default, internal callers) generation is clipped to it.
+    max_tokens_must_fit: bool = False
 
 
 class GenerationResult(BaseModel):

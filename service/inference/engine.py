@@ -334,9 +334,8 @@ class InferenceEngine:
             raise InvalidInput(f"prompt is {len(ids)} tokens; this server accepts at most "
                                f"{self.settings.max_seq_len - 1}", param="messages",
                                code="context_length_exceeded")
-        # As OpenAI: an explicit max_tokens that cannot fit is refused; the default is clamped.
         asked = req.params.max_tokens
-        if "max_tokens" in req.params.model_fields_set and len(ids) + asked > self.settings.max_seq_len:
+        if req.max_tokens_must_fit and len(ids) + asked > self.settings.max_seq_len:
             raise InvalidInput(f"this server's context is {self.settings.max_seq_len} tokens, but the prompt "
                                f"is {len(ids)} tokens and max_tokens asks for {asked} more",
                                param="max_tokens", code="context_length_exceeded")

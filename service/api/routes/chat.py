@@ -33,7 +33,8 @@ async def chat_completions(body: ChatCompletionCreate, tenant: TenantDep, engine
     adapter = await resolve_model(state, tenant, body.model)
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=to_domain_messages(body.messages),
                             params=sampling_from(body), request_id=uuid.uuid4().hex,
-                            timeout_s=settings.request_timeout_s)
+                            timeout_s=settings.request_timeout_s,
+                            max_tokens_must_fit=(body.max_completion_tokens or body.max_tokens) is not None)
     completion_id, created = new_completion_id(), int(time.time())
     started = time.perf_counter()
     is_adapter = adapter != BASE_ADAPTER
@@ -78,11 +79,12 @@ async def simple_chat(body: SimpleChatCreate, tenant: TenantDep, engine: EngineD
     adapter = await resolve_model(state, tenant, body.adapter or None, param="adapter")
     history, pairs = _history_messages(body.history)
     messages = to_domain_messages(history, param="history") + [ChatMessage(role="user", content=body.query)]
-    # Only an explicit max_new_tokens is held to the context length (the default is clamped).
-    explicit = {"max_tokens": body.max_new_tokens} if "max_new_tokens" in body.model_fields_set else {}
-    params = SamplingParams(**explicit, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    params = SamplingParams(max_tokens=body.max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                            seed=body.seed)
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=messages, params=params,
-                            request_id=uuid.uuid4().hex, timeout_s=settings.request_timeout_s)
+                            request_id=uuid.uuid4().hex, timeout_s=settings.request_timeout_s,
+                            # only an explicit max_new_tokens is held to the context
+                            max_tokens_must_fit="max_new_tokens" in body.model_fields_set)
     started = time.perf_counter()
     try:
         result = await engine.generate(req)
