@@ -490,7 +490,8 @@ def chat(ctx: typer.Context,
          system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
          temperature: Annotated[float, typer.Option(min=0, max=2)] = 0.8,
          top_p: Annotated[float, typer.Option(min=0.01, max=1)] = 0.8,
-         max_tokens: Annotated[int, typer.Option(min=1)] = 256,
+         max_tokens: Annotated[Optional[int], typer.Option(
+             min=1, help="Reply length cap; default: the server's (clipped to the context).")] = None,
          stream: Annotated[bool, typer.Option(help="Stream tokens as they come.")] = True,
          url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None):
     """Chat with the base model or an adapter: one --message, or an interactive REPL (/reset, /exit)."""
@@ -501,7 +502,9 @@ def chat(ctx: typer.Context,
 
             def ask(text: str) -> str:
                 body = {"model": model, "messages": history + [{"role": "user", "content": text}],
-                        "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stream": stream}
+                        "temperature": temperature, "top_p": top_p, "stream": stream}
+                if max_tokens is not None:  # an explicit cap must fit the context (else a 400)
+                    body["max_tokens"] = max_tokens
                 if not stream:
                     reply = c.post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
                     console.print(reply, highlight=False, markup=False)
