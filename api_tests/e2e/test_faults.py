@@ -237,7 +237,10 @@ def test_worker_sigkilled_mid_job_is_requeued_and_succeeds(tmp_path, demo_model,
 
         def past_first_checkpoint():
             ckpts = work_dir / "checkpoints"
-            return ckpts.is_dir() and any((d / "state.json").is_file() for d in ckpts.iterdir())
+            # Only a renamed `step-N` counts: `.tmp-step-N-<pid>/` gets state.json before its
+            # fsync + rename, and a kill then leaves nothing to resume from (a test race, seen once).
+            return ckpts.is_dir() and any(d.name.startswith("step-") and (d / "state.json").is_file()
+                                          for d in ckpts.iterdir())
         wait_for(past_first_checkpoint, JOB_TIMEOUT, "the first checkpoint", interval=0.05,
                  diagnostics=system.logs)
         first.proc.send_signal(signal.SIGKILL)
