@@ -335,9 +335,10 @@ class GenerationRequest(BaseModel):
     params: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str | None = None
     timeout_s: float | None = None
-    # API requests whose client chose max_tokens: refused when it cannot fit the context (as
-    # OpenAI does). Otherwise (the default, internal callers) generation is clipped to it.
-    max_tokens_must_fit: bool = False
+    # Set when the client chose max_tokens: the name of its field in that request. Then a value
+    # that cannot fit the context is refused naming it (as OpenAI does); otherwise (the default,
+    # internal callers) generation is clipped to the context.
+    max_tokens_field: str | None = None
 
 
 class GenerationResult(BaseModel):

@@ -335,10 +335,10 @@ class InferenceEngine:
                                f"{self.settings.max_seq_len - 1}", param="messages",
                                code="context_length_exceeded")
         asked = req.params.max_tokens
-        if req.max_tokens_must_fit and len(ids) + asked > self.settings.max_seq_len:
+        if req.max_tokens_field and len(ids) + asked > self.settings.max_seq_len:
             raise InvalidInput(f"this server's context is {self.settings.max_seq_len} tokens, but the prompt "
-                               f"is {len(ids)} tokens and max_tokens asks for {asked} more",
-                               param="max_tokens", code="context_length_exceeded")
+                               f"is {len(ids)} tokens and {req.max_tokens_field} asks for {asked} more",
+                               param=req.max_tokens_field, code="context_length_exceeded")
         return ids
 
     def _retry_after(self) -> float:

@@ -34,7 +34,8 @@ async def chat_completions(body: ChatCompletionCreate, tenant: TenantDep, engine
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=to_domain_messages(body.messages),
                             params=sampling_from(body), request_id=uuid.uuid4().hex,
                             timeout_s=settings.request_timeout_s,
-                            max_tokens_must_fit=(body.max_completion_tokens or body.max_tokens) is not None)
+                            max_tokens_field=("max_completion_tokens" if body.max_completion_tokens
+                                              else "max_tokens" if body.max_tokens is not None else None))
     completion_id, created = new_completion_id(), int(time.time())
     started = time.perf_counter()
     is_adapter = adapter != BASE_ADAPTER
@@ -83,15 +84,9 @@ async def simple_chat(body: SimpleChatCreate, tenant: TenantDep, engine: EngineD
                             seed=body.seed)
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=messages, params=params,
                             request_id=uuid.uuid4().hex, timeout_s=settings.request_timeout_s,
-                            # only an explicit max_new_tokens is held to the context
-                            max_tokens_must_fit="max_new_tokens" in body.model_fields_set)
+                            max_tokens_field="max_new_tokens" if "max_new_tokens" in body.model_fields_set else None)
     started = time.perf_counter()
-    try:
-        result = await engine.generate(req)
-    except TuneserveError as exc:
-        if exc.param == "max_tokens":  # this route's name for it
-            exc.param = "max_new_tokens"
-        raise
+    result = await engine.generate(req)
     state.metrics.observe_chat(adapter=adapter != BASE_ADAPTER, stream=False,
                                seconds=time.perf_counter() - started,
                                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
