@@ -2,6 +2,7 @@
 processes (never the machine's shared 6379, which fault tests kill and restart)."""
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -9,6 +10,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def process_env(*, data_dir: Path, database_url: str, redis_url: str, queue: str) -> dict[str, str]:
+    """Environment for a tuneserve API/worker process started by a test: none of the caller's
+    TUNESERVE_* settings leak in, this repo is importable, and nothing reaches a model hub."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+    env.update({
+        "TUNESERVE_DATA_DIR": str(data_dir),
+        "TUNESERVE_DATABASE_URL": database_url,
+        "TUNESERVE_REDIS_URL": redis_url,
+        "TUNESERVE_TASK_QUEUE": queue,
+        "TUNESERVE_DEVICE": "cpu",
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+    })
+    return env
 
 
 def free_port() -> int:

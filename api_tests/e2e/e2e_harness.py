@@ -14,7 +14,6 @@ Every setting reaches the processes only through TUNESERVE_* variables, as in a 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -26,8 +25,7 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[2]
-from harness import RedisServer, free_port, wait_for  # noqa: E402
+from harness import REPO, RedisServer, free_port, process_env, wait_for  # noqa: E402
 
 SAMPLE = REPO / "service" / "data" / "advertisegen_sample.jsonl"
 SAMPLE_VAL = REPO / "service" / "data" / "advertisegen_sample_val.jsonl"
@@ -136,15 +134,11 @@ class System:
         return self.data_dir / "adapters"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+        env = process_env(data_dir=self.data_dir, database_url=self.db_url, redis_url=self.redis_url,
+                          queue=self.queue)
         env.update({
-            "TUNESERVE_DATA_DIR": str(self.data_dir),
-            "TUNESERVE_DATABASE_URL": self.db_url,
-            "TUNESERVE_REDIS_URL": self.redis_url,
-            "TUNESERVE_TASK_QUEUE": self.queue,
             "TUNESERVE_BASE_MODEL": str(self.base_model),
             "TUNESERVE_API_KEYS": f"{KEY_A}:alice,{KEY_B}:bob",
-            "TUNESERVE_DEVICE": "cpu",
             "TUNESERVE_LOAD_IN_4BIT": "true",
             # A small engine: the tiny model needs little KV cache and batch.
             "TUNESERVE_MAX_BATCH_SIZE": "4",
@@ -156,9 +150,7 @@ class System:
             "TUNESERVE_HEARTBEAT_TIMEOUT_S": "60",
             "TUNESERVE_REAPER_INTERVAL_S": "1",
             "TUNESERVE_REQUEUE_GRACE_S": "3",
-            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "",
+            "CUDA_VISIBLE_DEVICES": "",
             # Two processes share two cores: one torch thread each avoids oversubscription.
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
         })

@@ -50,16 +50,22 @@ def reference(tmp_path_factory):
     return {}
 
 
-def test_job_runs_to_succeeded_with_loss_events_and_published_adapter(world, store, reference):
-    """(a)"""
-    t0 = time.monotonic()
-    worker = world.start_worker()
+def _submit_tiny_job(world, store):
+    """A tiny job with a validation file, committed to the store and sent to the broker."""
     settings = world.settings()
     app = make_celery(settings, name="tuneserve-test")
     train_id = training_file(store, world.data_dir, 16)
     val_id = validation_file(store, world.data_dir, 4)
     job = create_job(store, train_id, tiny_spec(), validation_id=val_id, suffix="e2e")
     send_train(app, settings, job.id)
+    return settings, job
+
+
+def test_job_runs_to_succeeded_with_loss_events_and_published_adapter(world, store, reference):
+    """(a)"""
+    t0 = time.monotonic()
+    worker = world.start_worker()
+    settings, job = _submit_tiny_job(world, store)
 
     done = wait_status(store, job.id, [JobStatus.succeeded], JOB_TIMEOUT, lambda: dump_worker_logs(world))
     elapsed = time.monotonic() - t0
@@ -118,12 +124,7 @@ def test_sigkilled_worker_is_redelivered_and_resumes_from_checkpoint(world, stor
     world.overrides.update({"TUNESERVE_BROKER_VISIBILITY_TIMEOUT_S": "2", "TUNESERVE_REAPER_INTERVAL_S": "0",
                             "TUNESERVE_HEARTBEAT_TIMEOUT_S": "600"})
     first = world.start_worker()
-    settings = world.settings()
-    app = make_celery(settings, name="tuneserve-test")
-    train_id = training_file(store, world.data_dir, 16)
-    val_id = validation_file(store, world.data_dir, 4)
-    job = create_job(store, train_id, tiny_spec(), validation_id=val_id, suffix="e2e")
-    send_train(app, settings, job.id)
+    settings, job = _submit_tiny_job(world, store)
 
     work_dir = settings.jobs_dir / job.id
     wait_for(lambda: _complete_checkpoints(work_dir), JOB_TIMEOUT, "the first checkpoint", interval=0.02)

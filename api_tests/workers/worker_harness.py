@@ -6,7 +6,6 @@ and job helpers."""
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import subprocess
@@ -20,9 +19,8 @@ from service.core.datasets import validate_file
 from service.core.domain import Job, JobStatus, TrainingSpec
 from service.core.store import Store
 
-from harness import RedisServer, free_port, wait_for  # noqa: F401  (re-exported for the worker tests)
+from harness import REPO, RedisServer, free_port, process_env, wait_for  # noqa: F401  (re-exported for the worker tests)
 
-REPO = Path(__file__).resolve().parents[2]
 FIXTURE_MODEL = REPO / "api_tests" / "fixtures" / "chatglm3-tiny"
 SAMPLE = REPO / "service" / "data" / "advertisegen_sample.jsonl"
 SAMPLE_VAL = REPO / "service" / "data" / "advertisegen_sample_val.jsonl"
@@ -64,20 +62,13 @@ class Env:
         return f"sqlite:///{self.data_dir / 'tuneserve.db'}"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TUNESERVE_")}
+        env = process_env(data_dir=self.data_dir, database_url=self.db_url, redis_url=self.redis_url,
+                          queue=self.queue)
         env.update({
-            "TUNESERVE_DATA_DIR": str(self.data_dir),
-            "TUNESERVE_DATABASE_URL": self.db_url,
-            "TUNESERVE_REDIS_URL": self.redis_url,
-            "TUNESERVE_TASK_QUEUE": self.queue,
-            "TUNESERVE_DEVICE": "cpu",
             "TUNESERVE_HEARTBEAT_INTERVAL_S": "0.5",
             "TUNESERVE_HEARTBEAT_TIMEOUT_S": "5",
             "TUNESERVE_REAPER_INTERVAL_S": "1",
             "TUNESERVE_REQUEUE_GRACE_S": "2",
-            "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
         })
         env.update(self.overrides)
         env.update(extra)
