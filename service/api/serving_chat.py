@@ -50,6 +50,13 @@ def to_domain_messages(messages: list[ChatMessageIn], param: str = "messages") -
     return out
 
 
+def max_tokens_field(body: ChatCompletionCreate) -> str | None:
+    """The field the client capped the reply with (the one sampling_from reads), or None."""
+    if body.max_completion_tokens:
+        return "max_completion_tokens"
+    return "max_tokens" if body.max_tokens is not None else None
+
+
 def sampling_from(body: ChatCompletionCreate) -> SamplingParams:
     kw: dict[str, Any] = {}
     max_tokens = body.max_completion_tokens or body.max_tokens

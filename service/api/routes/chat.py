@@ -11,6 +11,7 @@ from service.api.deps import EngineDep, SettingsDep, StateDep, TenantDep
 from service.api.schemas import ChatCompletionCreate, ChatMessageIn, SimpleChatCreate, SimpleChatResponse, Usage
 from service.api.serving_chat import (
     completion_body,
+    max_tokens_field,
     new_completion_id,
     open_stream,
     resolve_model,
@@ -34,8 +35,7 @@ async def chat_completions(body: ChatCompletionCreate, tenant: TenantDep, engine
     req = GenerationRequest(tenant=tenant, adapter=adapter, messages=to_domain_messages(body.messages),
                             params=sampling_from(body), request_id=uuid.uuid4().hex,
                             timeout_s=settings.request_timeout_s,
-                            max_tokens_field=("max_completion_tokens" if body.max_completion_tokens
-                                              else "max_tokens" if body.max_tokens is not None else None))
+                            max_tokens_field=max_tokens_field(body))
     completion_id, created = new_completion_id(), int(time.time())
     started = time.perf_counter()
     is_adapter = adapter != BASE_ADAPTER
