@@ -1,0 +1,159 @@
+"""Our GPU kernels. Public entry: `nf4_matmul(x, weight)` for a bitsandbytes NF4 weight.
+
+`nf4_matmul` returns what `x @ dequantize_4bit(weight.data, weight.quant_state).T` returns
+(to the compute dtype's rounding) for any shape; our Triton kernels serve the shapes they
+support (K a multiple of the blocksize, rows <= MAX_KERNEL_ROWS) and bitsandbytes serves the
+rest, so a shape is never answered wrongly, only more slowly. Importing this package needs
+triton; `available()` says whether the kernels can run here (CUDA, or Triton's CPU
+interpreter under TRITON_INTERPRET=1 for tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+try:  # triton is a GPU-host / test dependency; without it everything falls back
+    import triton
+
+    from service.inference.kernels import nf4 as _nf4
+except ImportError:  # pragma: no cover - exercised only on hosts without triton
+    triton = None
+    _nf4 = None
+
+# Rows served by our kernels; a larger M (a prefill) dequantizes once and uses cuBLAS, which
+# is already near the card's matmul rate there (the weight pass is amortized over the rows).
+MAX_KERNEL_ROWS = 128
+# Up to this many rows the GEMV kernel (one program per row and feature tile, the tile
+# shared through L2) beats dequantize-to-registers + tensor cores. Set from bench/kernels.py.
+GEMV_MAX_ROWS = 2
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int
+    num_warps: int
+    block_m: int = 1      # gemm only
+    unroll: int = 1       # gemv only
+    round_weights: bool = True  # gemv only: round each dequantized weight as bitsandbytes does
+    num_stages: int = 2
+
+
+GEMV_CONFIG = LaunchConfig(block_n=16, num_warps=4, unroll=4)
+
+
+def gemm_config(m: int) -> LaunchConfig:
+    if m <= 16:
+        return LaunchConfig(block_n=64, block_m=16, num_warps=4, num_stages=3)
+    if m <= 32:
+        return LaunchConfig(block_n=64, block_m=32, num_warps=4, num_stages=3)
+    return LaunchConfig(block_n=64, block_m=64, num_warps=4, num_stages=3)
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    if _nf4 is None:
+        return False
+    if _nf4.INTERPRETING:
+        return True
+    dev = torch.device(device) if device is not None else None
+    return torch.cuda.is_available() and (dev is None or dev.type == "cuda")
+
+
+@dataclass(frozen=True)
+class NF4Operands:
+    """Views of one bitsandbytes NF4 weight as our kernels read it (no copies)."""
+    packed: torch.Tensor    # uint8 [N * K / 2]
+    absmax: torch.Tensor    # uint8 codes [N * K / blocksize] when nested, else float32
+    code2: torch.Tensor     # float32 [256] (nested) or a 1-element placeholder
+    absmax2: torch.Tensor   # float32 [blocks / blocksize2] (nested) or placeholder
+    offset: torch.Tensor    # float32 [1] (nested) or placeholder
+    lut: torch.Tensor       # float32 [16]: the NF4 code
+    n: int
+    k: int
+    blocksize: int
+    blocksize2: int
+    nested: bool
+
+
+def operands(weight) -> NF4Operands | None:
+    """The kernel operands of a `Params4bit`, or None if our kernels do not cover it."""
+    qs = getattr(weight, "quant_state", None)
+    if qs is None or qs.quant_type != "nf4" or len(qs.shape) != 2:
+        return None
+    n, k = (int(s) for s in qs.shape)
+    bs = int(qs.blocksize)
+    data = weight.data if hasattr(weight, "data") else weight
+    if bs < 32 or bs & (bs - 1) or k % bs or data.dtype != torch.uint8 or data.numel() * 2 != n * k:
+        return None
+    if not data.is_contiguous():
+        return None
+    if qs.nested:
+        s2 = qs.state2
+        bs2 = int(s2.blocksize)
+        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor([float(qs.offset)])
+        offset = offset.reshape(1).to(device=data.device, dtype=torch.float32)
+        return NF4Operands(data.view(-1), qs.absmax.view(-1), s2.code.float(), s2.absmax.float().view(-1),
+                           offset, qs.code.float(), n, k, bs, bs2, True)
+    placeholder = torch.zeros(1, dtype=torch.float32, device=data.device)
+    return NF4Operands(data.view(-1), qs.absmax.float().view(-1), placeholder, placeholder, placeholder,
+                       qs.code.float(), n, k, bs, 1, False)
+
+
+def launch_gemv(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch.Tensor | None,
+                cfg: LaunchConfig = GEMV_CONFIG) -> torch.Tensor:
+    m = x.shape[0]
+    nblocks = ops.k // ops.blocksize
+    unroll = next(u for u in (cfg.unroll, 4, 2, 1) if nblocks % u == 0)
+    grid = (m, triton.cdiv(ops.n, cfg.block_n))
+    _nf4._nf4_gemv[grid](
+        x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, ops.lut,
+        bias if bias is not None else out, out, m, ops.n, ops.k, x.stride(0), out.stride(0),
+        NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
+        BLOCK_N=cfg.block_n, UNROLL=unroll, ROUND_W=cfg.round_weights, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def launch_gemm(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch.Tensor | None,
+                cfg: LaunchConfig | None = None) -> torch.Tensor:
+    m = x.shape[0]
+    cfg = cfg or gemm_config(m)
+    grid = (triton.cdiv(ops.n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+    _nf4._nf4_gemm[grid](
+        x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, ops.lut,
+        bias if bias is not None else out, out, m, ops.n, ops.k, x.stride(0), out.stride(0),
+        NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def _bnb_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
+
+
+def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
+               ops: NF4Operands | None = None) -> torch.Tensor:
+    """`x @ dequantize_4bit(weight).T (+ bias)` for x `[..., K]` and an NF4 `Params4bit`.
+
+    `ops` (from `operands(weight)`) may be passed to skip re-deriving the views per call."""
+    ops = ops or operands(weight)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if (ops is None or not available(x.device) or m == 0 or m > MAX_KERNEL_ROWS
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != ops.k
+            or x.device != ops.packed.device):
+        return _bnb_matmul(x, weight, bias)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(m, ops.n, dtype=x.dtype, device=x.device)
+    if m <= GEMV_MAX_ROWS:
+        launch_gemv(x2, ops, out, bias)
+    else:
+        launch_gemm(x2, ops, out, bias)
+    return out.reshape(*lead, ops.n)
+
+
+__all__ = ["nf4_matmul", "operands", "available", "NF4Operands", "LaunchConfig", "MAX_KERNEL_ROWS"]
