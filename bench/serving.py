@@ -4,8 +4,12 @@ On a GPU: a ChatGLM3-6B-shaped GLM with random weights (the shape
 bench/reference/seed_recipe_bench.py builds, sharing its /tmp/glm6b checkpoint), loaded
 in NF4 with bf16 compute, r=8 LoRA adapters on q/k/v published into a real registry, then:
 
-  single_stream     tokens/s of one stream (base, and with an adapter); CUDA graphs vs eager
-  concurrent        tokens/s of 32 concurrent streams over 8 adapters (continuous batching)
+  single_stream     tokens/s of one stream (base, and with an adapter)
+  concurrent        tokens/s of 32 concurrent streams over 8 adapters (continuous batching),
+                    and (concurrent_large) of 128 streams over 32 adapters
+  bnb_*             with --compare-bnb: the same rows first with bitsandbytes' NF4 kernels
+                    (the previous path), in the same process
+  floor             with --kernel-floor: bench/kernels.py's step floor, ours vs bnb vs bf16
   hot_load          registry -> GPU load of a fresh r=8 adapter (read + sha256 + parse +
                     upload), p50/p99, idle and while 32 streams decode
   cold_ttft         time to first token of a request for a never-loaded adapter
@@ -183,31 +187,33 @@ async def cold_ttft(engine, names: list[str], prompt: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-async def main_async(args) -> None:
+async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool) -> None:
+    """One engine, measured. `prefix` names its rows (e.g. "bnb_" for bitsandbytes' kernels)."""
     from service.core.config import Settings
     from service.core.registry import AdapterRegistry
     from service.inference.engine import InferenceEngine
 
-    work = Path(args.work)
+    work = Path(args.work) / prefix.strip("_")
     device = "cpu" if args.tiny else "cuda"
-    base = build_base(args)
+    streams_max = max(args.streams, args.large_streams if full else 0)
     settings = Settings(data_dir=work / "data", base_model=base, load_in_4bit=True, device=device,
-                        max_batch_size=args.streams, max_seq_len=args.max_seq_len, max_queue=4096,
+                        max_batch_size=streams_max, max_seq_len=args.max_seq_len, max_queue=4096,
                         request_timeout_s=3600, cuda_graphs=not args.no_graphs, torch_compile=args.compile,
-                        adapter_gpu_budget_bytes=args.adapter_budget)
+                        adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels)
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
     await engine.start()
-    rec("engine_start_s", round(time.perf_counter() - t0, 1))
+    rec(f"{prefix}engine_start_s", round(time.perf_counter() - t0, 1))
+    rec(f"{prefix}nf4_kernel_layers", engine._runner.nf4_kernel_layers)
     engine._stop_ids = frozenset()  # bench only: random weights would stop at random
     if device == "cuda":
-        rec("nf4_base_gib", round(torch.cuda.memory_allocated() / 2**30, 3))
+        rec(f"{prefix}nf4_base_gib", round(torch.cuda.memory_allocated() / 2**30, 3))
 
-    serving = [f"serve-{i}" for i in range(args.adapters)]
-    hot = [f"hot-{i}" for i in range(args.hot_loads)]
-    hot_busy = [f"hotbusy-{i}" for i in range(max(4, args.hot_loads // 4))]
-    cold = [f"cold-{i}" for i in range(args.cold)]
+    serving = [f"serve-{i}" for i in range(max(args.adapters, args.large_adapters if full else 0))]
+    hot = [f"hot-{i}" for i in range(args.hot_loads)] if full else []
+    hot_busy = [f"hotbusy-{i}" for i in range(max(4, args.hot_loads // 4))] if full else []
+    cold = [f"cold-{i}" for i in range(args.cold)] if full else []
     publish_adapters(engine, registry, serving + hot + hot_busy + cold, r=args.rank, seed0=1, work=work)
     prompt = args.prompt
 
@@ -215,36 +221,55 @@ async def main_async(args) -> None:
     for label, adapter in (("base", "__base__"), ("adapter", serving[0])):
         first = await single_stream(engine, adapter, args.tokens, prompt)
         second = await single_stream(engine, adapter, args.tokens, prompt)
-        rec(f"single_stream_{label}_first_run", first)
-        rec(f"single_stream_{label}", second)
-    if device == "cuda" and engine._runner.use_graphs:
-        engine._runner.use_graphs = False
-        await single_stream(engine, serving[0], 16, prompt)
-        rec("single_stream_adapter_eager", await single_stream(engine, serving[0], args.tokens, prompt))
-        engine._runner.use_graphs = True
+        rec(f"{prefix}single_stream_{label}_first_run", first)
+        rec(f"{prefix}single_stream_{label}", second)
     if args.only_single:
         await engine.stop()
         return
 
     # 2) many streams over many adapters
-    first = await concurrent(engine, serving, args.streams, args.tokens, prompt)
-    rec("concurrent_first_run", first)
-    rec("concurrent", await concurrent(engine, serving, args.streams, args.tokens, prompt))
+    small = serving[: args.adapters]
+    rec(f"{prefix}concurrent_first_run", await concurrent(engine, small, args.streams, args.tokens, prompt))
+    rec(f"{prefix}concurrent", await concurrent(engine, small, args.streams, args.tokens, prompt))
+    if full and args.large_streams:
+        large = serving[: args.large_adapters]
+        rec(f"{prefix}concurrent_large_first_run",
+            await concurrent(engine, large, args.large_streams, args.tokens, prompt))
+        rec(f"{prefix}concurrent_large", await concurrent(engine, large, args.large_streams, args.tokens, prompt))
+    if not full:
+        await engine.stop()
+        del engine
+        torch.cuda.empty_cache() if device == "cuda" else None
+        return
 
     # 3) hot-load: idle, then while the batch decodes
-    rec("hot_load_idle", await hot_loads(engine, hot))
-    busy = asyncio.create_task(concurrent(engine, serving, args.streams, args.tokens, prompt))
+    rec(f"{prefix}hot_load_idle", await hot_loads(engine, hot))
+    busy = asyncio.create_task(concurrent(engine, small, args.streams, args.tokens, prompt))
     await asyncio.sleep(0.5)
-    rec("hot_load_while_decoding", await hot_loads(engine, hot_busy))
-    rec("concurrent_during_hot_loads", await busy)
+    rec(f"{prefix}hot_load_while_decoding", await hot_loads(engine, hot_busy))
+    rec(f"{prefix}concurrent_during_hot_loads", await busy)
 
     # 4) cold adapter: time to first token (load + prefill + first step)
-    rec("cold_adapter_ttft", await cold_ttft(engine, cold, prompt))
+    rec(f"{prefix}cold_adapter_ttft", await cold_ttft(engine, cold, prompt))
 
     stats = engine.stats()
     stats["adapters"].pop("resident", None)
-    rec("engine_stats", stats)
+    rec(f"{prefix}engine_stats", stats)
     await engine.stop()
+
+
+async def main_async(args) -> None:
+    base = build_base(args)
+    if args.compare_bnb and not args.tiny:
+        # The previous path (bitsandbytes' NF4 kernels), same process, same card, first.
+        await run_engine(args, base, "bnb_", nf4_kernels=False, full=False)
+    await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True)
+    if args.kernel_floor and not args.tiny:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import kernels as kernel_bench
+
+        kernel_bench.RESULTS = RESULTS
+        kernel_bench.floor({})
 
 
 def main() -> None:
@@ -266,6 +291,13 @@ def main() -> None:
     p.add_argument("--only-single", action="store_true", help="stop after the one-stream measurements")
     p.add_argument("--seed-baseline", action="store_true",
                    help="first run bench/reference/seed_recipe_bench.py infer (same card, same checkpoint)")
+    p.add_argument("--large-streams", type=int, default=128, help="the many-streams row (0: skip)")
+    p.add_argument("--large-adapters", type=int, default=32)
+    p.add_argument("--no-nf4-kernels", action="store_true", help="serve with bitsandbytes' NF4 kernels")
+    p.add_argument("--compare-bnb", action="store_true",
+                   help="first measure one stream and --streams with bitsandbytes' kernels (rows bnb_*)")
+    p.add_argument("--kernel-floor", action="store_true",
+                   help="last: every NF4 matmul of one step in a graph, ours vs bitsandbytes vs dense bf16")
     p.add_argument("--prompt", default="类型#裙*材质#蕾丝*风格#宫廷*图案#刺绣*衣样式#连衣裙 " * 3)
     args = p.parse_args()
     if args.tiny:

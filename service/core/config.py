@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
     # optionally torch.compile the step first.
     cuda_graphs: bool = True
+    # NF4 matmuls of up to 128 rows through our Triton kernels (service/inference/kernels)
+    # instead of bitsandbytes' (CUDA only; larger batches and other shapes stay bitsandbytes').
+    nf4_kernels: bool = True
     torch_compile: bool = False
 
     # Workers.

@@ -44,10 +44,10 @@ GEMV_CONFIG = LaunchConfig(block_n=16, num_warps=4, unroll=4)
 
 def gemm_config(m: int) -> LaunchConfig:
     if m <= 16:
-        return LaunchConfig(block_n=64, block_m=16, num_warps=4, num_stages=3)
+        return LaunchConfig(block_n=32, block_m=16, num_warps=4, unroll=2, num_stages=3)
     if m <= 32:
-        return LaunchConfig(block_n=64, block_m=32, num_warps=4, num_stages=3)
-    return LaunchConfig(block_n=64, block_m=64, num_warps=4, num_stages=3)
+        return LaunchConfig(block_n=32, block_m=32, num_warps=4, unroll=2, num_stages=3)
+    return LaunchConfig(block_n=64, block_m=64, num_warps=4, unroll=2, num_stages=3)
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -99,17 +99,21 @@ def operands(weight) -> NF4Operands | None:
                        qs.code.float(), n, k, bs, 1, False)
 
 
+def _unroll(ops: NF4Operands, cfg: LaunchConfig) -> int:
+    """Quantization blocks per loop step: the configured count, at most the row's (a power of 2)."""
+    nblocks = ops.k // ops.blocksize
+    return min(cfg.unroll, triton.next_power_of_2(nblocks))
+
+
 def launch_gemv(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch.Tensor | None,
                 cfg: LaunchConfig = GEMV_CONFIG) -> torch.Tensor:
     m = x.shape[0]
-    nblocks = ops.k // ops.blocksize
-    unroll = next(u for u in (cfg.unroll, 4, 2, 1) if nblocks % u == 0)
     grid = (m, triton.cdiv(ops.n, cfg.block_n))
     _nf4._nf4_gemv[grid](
         x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, ops.lut,
         bias if bias is not None else out, out, m, ops.n, ops.k, x.stride(0), out.stride(0),
         NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
-        BLOCK_N=cfg.block_n, UNROLL=unroll, ROUND_W=cfg.round_weights, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        BLOCK_N=cfg.block_n, UNROLL=_unroll(ops, cfg), ROUND_W=cfg.round_weights, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -122,7 +126,7 @@ def launch_gemm(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torc
         x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, ops.lut,
         bias if bias is not None else out, out, m, ops.n, ops.k, x.stride(0), out.stride(0),
         NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UNROLL=_unroll(ops, cfg), DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 

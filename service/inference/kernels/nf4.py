@@ -57,6 +57,31 @@ def _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, blk, mask, NESTED: tl.c
 
 
 @triton.jit
+def _dequant_tile(w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, n, n_mask, b0, kbytes, nblocks,
+                  dtype: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, HALF: tl.constexpr,
+                  NB: tl.constexpr, ROUND_W: tl.constexpr):
+    """Weights of rows `n`, quantization blocks b0..b0+NB-1, as two [BLOCK_N, NB, HALF] tiles
+    (even and odd K positions: the high and low nibbles of each byte), float32 holding
+    bitsandbytes' dequantized values (rounded to `dtype` when ROUND_W). 3-D so each block's
+    absmax broadcasts over its bytes without a reshape; each row's bytes are contiguous."""
+    blk = b0 + tl.arange(0, NB)
+    j = tl.arange(0, HALF)
+    row = n.to(tl.int64)[:, None, None]
+    off = row * kbytes + (blk * HALF)[None, :, None] + j[None, None, :]
+    ok = n_mask[:, None] & (blk < nblocks)[None, :]  # the last step may pass the row's end
+    packed = tl.load(w_ptr + off, mask=ok[:, :, None], other=0).to(tl.int32)
+    bidx = n.to(tl.int64)[:, None] * nblocks + blk[None, :]
+    absmax = _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, bidx, ok, NESTED, BLOCKSIZE2)
+    absmax = absmax[:, :, None]
+    hi = tl.load(lut_ptr + (packed >> 4)) * absmax
+    lo = tl.load(lut_ptr + (packed & 15)) * absmax
+    if ROUND_W:
+        hi = _round(hi, dtype, _EMULATE_RTNE).to(tl.float32)
+        lo = _round(lo, dtype, _EMULATE_RTNE).to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _nf4_gemv(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, bias_ptr, y_ptr,
               M, N, K, stride_xm, stride_ym,
               NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -68,32 +93,24 @@ def _nf4_gemv(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, bias
     HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    j = tl.arange(0, HALF)
     kbytes = K // 2
     nblocks = K // BLOCKSIZE  # blocks per weight row
-    w_row = w_ptr + n.to(tl.int64)[:, None] * kbytes + j[None, :]
-    blk_row = n.to(tl.int64) * nblocks
-    x_row = x_ptr + m.to(tl.int64) * stride_xm + 2 * j
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    blk = tl.arange(0, UNROLL)
+    kk = (blk * BLOCKSIZE)[:, None] + 2 * tl.arange(0, HALF)[None, :]
+    x_row = x_ptr + m.to(tl.int64) * stride_xm + kk
+    # Elementwise partial sums; reduced once after the loop (no shuffles per block).
+    acc = tl.zeros((BLOCK_N, UNROLL, HALF), dtype=tl.float32)
     for b0 in range(0, nblocks, UNROLL):
-        for u in tl.static_range(UNROLL):  # UNROLL divides nblocks (the launcher picks it)
-            b = b0 + u
-            packed = tl.load(w_row + b * HALF, mask=n_mask[:, None], other=0).to(tl.int32)
-            hi = tl.load(lut_ptr + (packed >> 4))
-            lo = tl.load(lut_ptr + (packed & 15))
-            xe = tl.load(x_row + b * BLOCKSIZE).to(tl.float32)
-            xo = tl.load(x_row + b * BLOCKSIZE + 1).to(tl.float32)
-            absmax = _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, blk_row + b, n_mask,
-                                   NESTED, BLOCKSIZE2)
-            if ROUND_W:  # bitsandbytes' dequantized weights exactly: code * absmax in the compute dtype
-                hi = _round(hi * absmax[:, None], x_ptr.dtype.element_ty, _EMULATE_RTNE).to(tl.float32)
-                lo = _round(lo * absmax[:, None], x_ptr.dtype.element_ty, _EMULATE_RTNE).to(tl.float32)
-                acc += tl.sum(hi * xe[None, :] + lo * xo[None, :], axis=1)
-            else:  # one multiply per block instead of per weight; differs by the weights' rounding
-                acc += tl.sum(hi * xe[None, :] + lo * xo[None, :], axis=1) * absmax
+        hi, lo = _dequant_tile(w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, n, n_mask, b0, kbytes,
+                               nblocks, x_ptr.dtype.element_ty, NESTED, BLOCKSIZE2, HALF, UNROLL, ROUND_W)
+        x_ok = (b0 + blk < nblocks)[:, None]
+        xe = tl.load(x_row + b0 * BLOCKSIZE, mask=x_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_row + b0 * BLOCKSIZE + 1, mask=x_ok, other=0.0).to(tl.float32)
+        acc += hi * xe[None, :, :] + lo * xo[None, :, :]
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE),
+        out += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + n, _round(out, y_ptr.dtype.element_ty, _EMULATE_RTNE),
              mask=n_mask)
 
 
@@ -102,29 +119,30 @@ def _nf4_gemm(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, bias
               M, N, K, stride_xm, stride_ym,
               NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
               BLOCKSIZE2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              DOT_F32: tl.constexpr):
+              UNROLL: tl.constexpr, DOT_F32: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     HALF: tl.constexpr = BLOCKSIZE // 2
+    BK: tl.constexpr = UNROLL * HALF  # even (and odd) K positions per step
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_mask = n < N
     m_mask = rows < M
-    j = tl.arange(0, HALF)
     kbytes = K // 2
     nblocks = K // BLOCKSIZE
-    w_row = w_ptr + n.to(tl.int64)[:, None] * kbytes + j[None, :]
-    x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + 2 * j[None, :]
-    blk_row = n.to(tl.int64) * nblocks
+    kk = 2 * tl.arange(0, BK)
+    x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    dtype: tl.constexpr = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(0, nblocks):
-        packed = tl.load(w_row + b * HALF, mask=n_mask[:, None], other=0).to(tl.int32)
-        absmax = _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, blk_row + b, n_mask, NESTED, BLOCKSIZE2)
-        # bitsandbytes' dequantized values: float32 code * absmax, rounded to the compute dtype.
-        w_hi = _round(tl.load(lut_ptr + (packed >> 4)) * absmax[:, None], x_ptr.dtype.element_ty, _EMULATE_RTNE)
-        w_lo = _round(tl.load(lut_ptr + (packed & 15)) * absmax[:, None], x_ptr.dtype.element_ty, _EMULATE_RTNE)
-        xe = tl.load(x_row + b * BLOCKSIZE, mask=m_mask[:, None], other=0.0)
-        xo = tl.load(x_row + b * BLOCKSIZE + 1, mask=m_mask[:, None], other=0.0)
+    for b0 in range(0, nblocks, UNROLL):
+        hi, lo = _dequant_tile(w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, n, n_mask, b0, kbytes,
+                               nblocks, dtype, NESTED, BLOCKSIZE2, HALF, UNROLL, True)
+        # bitsandbytes' dequantized values in the compute dtype, K-major for the dot.
+        w_hi = tl.reshape(hi, (BLOCK_N, BK)).to(dtype)
+        w_lo = tl.reshape(lo, (BLOCK_N, BK)).to(dtype)
+        x_ok = m_mask[:, None] & (b0 * BLOCKSIZE + kk < K)[None, :]
+        xe = tl.load(x_row + b0 * BLOCKSIZE, mask=x_ok, other=0.0)
+        xo = tl.load(x_row + b0 * BLOCKSIZE + 1, mask=x_ok, other=0.0)
         if DOT_F32:
             acc += tl.dot(xe.to(tl.float32), tl.trans(w_hi.to(tl.float32)), input_precision="ieee")
             acc += tl.dot(xo.to(tl.float32), tl.trans(w_lo.to(tl.float32)), input_precision="ieee")

@@ -1,0 +1,123 @@
+"""NF4 kernels against bitsandbytes' own dequantization (CPU: Triton's interpreter; GPU: the
+same checks compiled). The reference is `x @ dequantize_4bit(W).T` evaluated in float64; a
+correct kernel is then a faithful rounding of it: within one unit in the last place of the
+output dtype, plus the float32 accumulation's worst-case error (gamma_K * sum|x||w|). Both
+terms follow from the formats, not from one machine."""
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import pytest
+import torch
+
+from service.inference import kernels
+from service.inference.kernels.linear import NF4Linear, use_nf4_kernels
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantized(n: int, k: int, *, nested: bool = True, dtype=torch.bfloat16, blocksize: int = 64, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    p = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=nested,
+                          blocksize=blocksize, quant_storage=torch.uint8)
+    return p.to(DEVICE)  # quantizes
+
+
+def reference(x: torch.Tensor, p, bias: torch.Tensor | None):
+    """(float64 value of x @ W_bnb.T + bias, the bound a faithful result must meet)."""
+    w = F.dequantize_4bit(p.data, p.quant_state).double()
+    exact = x.double() @ w.T
+    if bias is not None:
+        exact = exact + bias.double()
+    k = x.shape[-1]
+    accumulation = (k + 2) * 2.0 ** -24 * (x.double().abs() @ w.abs().T)
+    ulp = torch.finfo(x.dtype).eps * exact.abs() + torch.finfo(x.dtype).tiny
+    return exact, ulp + accumulation
+
+
+def assert_faithful(out: torch.Tensor, x, p, bias=None):
+    exact, bound = reference(x, p, bias)
+    assert out.shape == exact.shape and out.dtype == x.dtype
+    assert not torch.isnan(out).any(), "unwritten or NaN outputs"
+    err = (out.double() - exact).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {err.max().item():.3g} exceeds the rounding bound ({worst:.2f}x)"
+
+
+CASES = [  # (rows, out N, in K, nested, dtype, blocksize, bias)
+    (1, 40, 256, True, torch.bfloat16, 64, False),
+    (1, 24, 13696, True, torch.bfloat16, 64, False),    # ChatGLM3's MLP input width
+    (3, 24, 13696, True, torch.bfloat16, 64, True),
+    (2, 33, 192, False, torch.bfloat16, 64, False),     # 3 blocks a row: the loop's tail is masked
+    (17, 40, 512, True, torch.bfloat16, 64, True),      # N not a multiple of any block size
+    (5, 72, 1024, True, torch.float16, 128, True),
+    (9, 40, 512, True, torch.float32, 64, False),
+    (1, 24, 1024, False, torch.bfloat16, 256, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
+                         f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
+def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
+    m, n, k, nested, dtype, bs, has_bias = case
+    p = quantized(n, k, nested=nested, dtype=dtype, blocksize=bs, seed=m * 31 + n)
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(dtype).to(DEVICE) if has_bias else None
+    ops = kernels.operands(p)
+    assert ops is not None and ops.nested == nested
+    for launch in (kernels.launch_gemv, kernels.launch_gemm):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # poison: every element written
+        launch(x, ops, out, bias)
+        assert_faithful(out, x, p, bias)
+
+
+def test_entry_point_shapes_and_fallbacks():
+    assert kernels.available(DEVICE)
+    p = quantized(40, 256)
+    x = torch.randn(2, 3, 256).to(torch.bfloat16).to(DEVICE)
+    out = kernels.nf4_matmul(x, p)  # leading dims kept
+    assert out.shape == (2, 3, 40)
+    assert_faithful(out.reshape(6, 40), x.reshape(6, 256), p)
+    # K = 96 is not a multiple of the blocksize: bitsandbytes answers, still right.
+    odd = quantized(24, 96)
+    assert kernels.operands(odd) is None
+    xo = torch.randn(3, 96).to(torch.bfloat16).to(DEVICE)
+    ref = bnb.matmul_4bit(xo, odd.t(), quant_state=odd.quant_state)
+    assert torch.equal(kernels.nf4_matmul(xo, odd), ref)
+    # More rows than the kernels serve (a prefill): bitsandbytes too.
+    xl = torch.randn(kernels.MAX_KERNEL_ROWS + 1, 256).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(kernels.nf4_matmul(xl, p), bnb.matmul_4bit(xl, p.t(), quant_state=p.quant_state))
+
+
+def test_nf4_linear_swaps_in_place_and_matches_linear4bit():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        bnb.nn.Linear4bit(64, 128, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4"),
+        torch.nn.GELU(),
+        bnb.nn.Linear4bit(128, 40, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"),
+        bnb.nn.Linear4bit(40, 8, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"),  # K=40: stays
+    )
+    for layer in (model[0], model[2], model[3]):
+        layer.weight.data.normal_(0, 0.05)
+        if layer.bias is not None:
+            layer.bias.data.normal_(0, 0.1)
+    model = model.to(torch.bfloat16).to(DEVICE)  # quantizes
+    weights = [model[0].weight, model[2].weight]
+    x = torch.randn(3, 64).to(torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        first_ref = model[0](x)
+        second_ref_in = hidden
+        assert use_nf4_kernels(model) == 2
+        assert isinstance(model[0], NF4Linear) and isinstance(model[2], NF4Linear)
+        assert isinstance(model[3], bnb.nn.Linear4bit)
+        assert model[0].weight is weights[0] and model[2].weight is weights[1]  # no copy
+        assert_faithful(model[0](x), x, weights[0], model[0].bias)
+        assert_faithful(model[2](second_ref_in), second_ref_in, weights[1])
+        # bitsandbytes' own layer differs from the exact value by at most two roundings
+        # (matmul, then bias): ours is at least as close to it as that.
+        exact, bound = reference(x, weights[0], model[0].bias)
+        assert ((first_ref.double() - exact).abs() <= 2 * bound + 1e-12).all()
+        assert model(x).shape == (3, 8)
