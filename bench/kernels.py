@@ -118,14 +118,14 @@ def check(quick: bool) -> None:
     rec("check_worst_entry_rel_over_rounding", round(worst, 3))
 
 
-def sweep(quick: bool) -> dict:
+def sweep(quick: bool, gemv_only: bool = False) -> dict:
     import triton
 
     from service.inference import kernels as K
 
     best: dict = {}
     table = []
-    row_counts = (1, 2, 4, 8, 16, 32, 64, 128) if not quick else (1, 8, 32)
+    row_counts = (1,) if gemv_only else (1, 2, 4, 8, 16, 32, 64, 128) if not quick else (1, 8, 32)
     for (k, n) in SHAPES:
         copies = max(2, int(300e6 // (n * k // 2)))  # > L2 several times over
         ws = [quantized(n, k) for _ in range(copies)]
@@ -134,12 +134,16 @@ def sweep(quick: bool) -> dict:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             variants = []
-            if m <= 4:
+            if gemv_only:
+                for bn, un, nw, st in itertools.product((4, 8, 16), (8, 16), (2, 4), (2, 3, 4)):
+                    variants.append(("gemv", K.LaunchConfig(block_n=bn, num_warps=nw, unroll=un, num_stages=st)))
+                variants.append(("gemv", K.LaunchConfig(block_n=8, num_warps=4, unroll=8, round_weights=False)))
+            elif m <= 4:
                 for bn, nw, un in ((16, 4, 4), (32, 4, 4), (16, 4, 8), (32, 8, 4), (64, 8, 4), (8, 4, 8)):
                     variants.append(("gemv", K.LaunchConfig(block_n=bn, num_warps=nw, unroll=un)))
                 variants.append(("gemv", K.LaunchConfig(block_n=32, num_warps=4, unroll=4, round_weights=False)))
             bm = min(max(16, triton.next_power_of_2(m)), 64)
-            for bn, un, nw, st in ((32, 2, 4, 3), (64, 2, 4, 3), (128, 2, 8, 3), (32, 4, 4, 3), (64, 4, 4, 3),
+            for bn, un, nw, st in () if gemv_only else ((32, 2, 4, 3), (64, 2, 4, 3), (128, 2, 8, 3), (32, 4, 4, 3), (64, 4, 4, 3),
                                    (64, 4, 8, 3), (16, 4, 4, 3)):
                 variants.append(("gemm", K.LaunchConfig(block_n=bn, block_m=bm, num_warps=nw, num_stages=st,
                                                         unroll=un)))
@@ -222,10 +226,28 @@ def floor(best: dict) -> None:
     rec("floor", out)
 
 
+def write_best_gemv(best: dict, path: str | None) -> None:
+    """The one-row config with the least total time over the step's four shapes."""
+    if not path:
+        return
+    table = RESULTS.get("sweep", [])
+    totals: dict = {}
+    for row in table:
+        if row.get("m") == 1 and row.get("kind") == "gemv" and "us" in row:
+            key = json.dumps(row["cfg"], sort_keys=True)
+            totals.setdefault(key, []).append(row["us"])
+    complete = {k: sum(v) for k, v in totals.items() if len(v) == len(SHAPES)}
+    cfg = min(complete, key=complete.get)
+    rec("best_gemv_config", dict(cfg=json.loads(cfg), step_shapes_us=round(complete[cfg], 2)))
+    Path(path).write_text(cfg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--gemv-only", action="store_true", help="sweep one-row configs only")
+    ap.add_argument("--best-gemv-to", default=None, help="write the fastest one-row config (JSON) here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "GPU only"
@@ -240,7 +262,8 @@ def main() -> None:
     t0 = time.time()
     best: dict = {}
     for name, fn in (("check", lambda: check(args.quick)),
-                     ("sweep", lambda: best.update({} if args.skip_sweep else sweep(args.quick))),
+                     ("sweep", lambda: best.update({} if args.skip_sweep else sweep(args.quick, args.gemv_only))),
+                     ("best_gemv", lambda: write_best_gemv(best, args.best_gemv_to)),
                      ("floor", lambda: floor(best))):
         try:
             fn()

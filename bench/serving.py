@@ -199,7 +199,8 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
     settings = Settings(data_dir=work / "data", base_model=base, load_in_4bit=True, device=device,
                         max_batch_size=streams_max, max_seq_len=args.max_seq_len, max_queue=4096,
                         request_timeout_s=3600, cuda_graphs=not args.no_graphs, torch_compile=args.compile,
-                        adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels)
+                        adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
+                        nf4_kernel_max_rows=args.nf4_max_rows)
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -294,6 +295,7 @@ def main() -> None:
     p.add_argument("--large-streams", type=int, default=128, help="the many-streams row (0: skip)")
     p.add_argument("--large-adapters", type=int, default=32)
     p.add_argument("--no-nf4-kernels", action="store_true", help="serve with bitsandbytes' NF4 kernels")
+    p.add_argument("--nf4-max-rows", type=int, default=1, help="rows up to which our NF4 kernels serve")
     p.add_argument("--compare-bnb", action="store_true",
                    help="first measure one stream and --streams with bitsandbytes' kernels (rows bnb_*)")
     p.add_argument("--kernel-floor", action="store_true",

@@ -81,7 +81,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, *, num_slots: int, max_seq_len: int,
                  lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
                  cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
-                 max_lora_columns: int = 4096, nf4_kernels: bool = False):
+                 max_lora_columns: int = 4096, nf4_kernels: bool = False,
+                 nf4_kernel_max_rows: int = 1):
         self.model = model.eval()
         self.slot_attention = _use_slot_attention(model)
         self.device = torch.device(device)
@@ -107,7 +108,7 @@ class ModelRunner:
         self.wrapped, self.groups = install(model, lora_targets, self.capacity, self.dtype, self.device,
                                             self.ctx)
         self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
-        self.nf4_kernel_layers = self._use_nf4_kernels() if nf4_kernels and self.device.type == "cuda" else 0
+        self.nf4_kernel_layers = self._use_nf4_kernels(nf4_kernel_max_rows) if nf4_kernels and self.device.type == "cuda" else 0
         self.alloc = ColumnAllocator(self.capacity)
         self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
         self._targeting = {n: 0 for n in self.wrapped}  # resident adapters per module
@@ -143,7 +144,7 @@ class ModelRunner:
             # symbolic (instead of one ~minute-long compile per bucket).
             self._decode_fn = torch.compile(self._decode_eager, dynamic=None)
 
-    def _use_nf4_kernels(self) -> int:
+    def _use_nf4_kernels(self, max_rows: int) -> int:
         """Swap the base's NF4 layers to our kernels (after the LoRA wrappers took theirs)."""
         try:
             from service.inference import kernels
@@ -153,8 +154,8 @@ class ModelRunner:
             return 0
         if not kernels.available(self.device):
             return 0
-        swapped = use_nf4_kernels(self.model)
-        log.info("NF4 kernels serve %d layers", swapped)
+        swapped = use_nf4_kernels(self.model, max_rows)
+        log.info("NF4 kernels serve %d layers (batches up to %d rows)", swapped, max_rows)
         return swapped
 
     # ----------------------------------------------------------------------------------

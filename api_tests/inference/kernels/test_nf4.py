@@ -77,7 +77,7 @@ def test_entry_point_shapes_and_fallbacks():
     assert kernels.available(DEVICE)
     p = quantized(40, 256)
     x = torch.randn(2, 3, 256).to(torch.bfloat16).to(DEVICE)
-    out = kernels.nf4_matmul(x, p)  # leading dims kept
+    out = kernels.nf4_matmul(x, p, max_rows=8)  # leading dims kept
     assert out.shape == (2, 3, 40)
     assert_faithful(out.reshape(6, 40), x.reshape(6, 256), p)
     # K = 96 is not a multiple of the blocksize: bitsandbytes answers, still right.
@@ -107,17 +107,12 @@ def test_nf4_linear_swaps_in_place_and_matches_linear4bit():
     weights = [model[0].weight, model[2].weight]
     x = torch.randn(3, 64).to(torch.bfloat16).to(DEVICE)
     with torch.no_grad():
-        hidden = model[1](model[0](x))
-        first_ref = model[0](x)
-        second_ref_in = hidden
+        second_ref_in = model[1](model[0](x))
         assert use_nf4_kernels(model) == 2
         assert isinstance(model[0], NF4Linear) and isinstance(model[2], NF4Linear)
+        assert model[0].max_rows == kernels.MAX_KERNEL_ROWS  # 3 rows: through our kernels
         assert isinstance(model[3], bnb.nn.Linear4bit)
         assert model[0].weight is weights[0] and model[2].weight is weights[1]  # no copy
         assert_faithful(model[0](x), x, weights[0], model[0].bias)
         assert_faithful(model[2](second_ref_in), second_ref_in, weights[1])
-        # bitsandbytes' own layer differs from the exact value by at most two roundings
-        # (matmul, then bias): ours is at least as close to it as that.
-        exact, bound = reference(x, weights[0], model[0].bias)
-        assert ((first_ref.double() - exact).abs() <= 2 * bound + 1e-12).all()
         assert model(x).shape == (3, 8)

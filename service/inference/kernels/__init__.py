@@ -9,6 +9,8 @@ interpreter under TRITON_INTERPRET=1 for tests).
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +23,9 @@ except ImportError:  # pragma: no cover - exercised only on hosts without triton
     triton = None
     _nf4 = None
 
-# Rows served by our kernels; a larger M (a prefill) dequantizes once and uses cuBLAS, which
-# is already near the card's matmul rate there (the weight pass is amortized over the rows).
+# The most rows our kernels can serve; what a caller actually routes to them is its
+# `max_rows` (Settings.nf4_kernel_max_rows: measured on an H200, the tensor-core GEMM is far
+# slower than bitsandbytes' dequantize + cuBLAS from 2 rows on, see bench/results/).
 MAX_KERNEL_ROWS = 128
 # Up to this many rows the GEMV kernel (one program per row and feature tile, the tile
 # shared through L2) beats dequantize-to-registers + tensor cores. Set from bench/kernels.py.
@@ -39,7 +42,9 @@ class LaunchConfig:
     num_stages: int = 2
 
 
-GEMV_CONFIG = LaunchConfig(block_n=16, num_warps=4, unroll=4)
+GEMV_CONFIG = LaunchConfig(block_n=8, num_warps=4, unroll=8)
+if os.environ.get("TUNESERVE_NF4_GEMV_CONFIG"):  # tuning knob: a LaunchConfig as JSON (bench/kernels.py)
+    GEMV_CONFIG = LaunchConfig(**json.loads(os.environ["TUNESERVE_NF4_GEMV_CONFIG"]))
 
 
 def gemm_config(m: int) -> LaunchConfig:
@@ -138,15 +143,16 @@ def _bnb_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
 
 
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
-               ops: NF4Operands | None = None) -> torch.Tensor:
+               ops: NF4Operands | None = None, max_rows: int = MAX_KERNEL_ROWS) -> torch.Tensor:
     """`x @ dequantize_4bit(weight).T (+ bias)` for x `[..., K]` and an NF4 `Params4bit`.
 
-    `ops` (from `operands(weight)`) may be passed to skip re-deriving the views per call."""
+    `ops` (from `operands(weight)`) may be passed to skip re-deriving the views per call;
+    more than `max_rows` rows go to bitsandbytes."""
     ops = ops or operands(weight)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if (ops is None or not available(x.device) or m == 0 or m > MAX_KERNEL_ROWS
+    if (ops is None or not available(x.device) or m == 0 or m > min(max_rows, MAX_KERNEL_ROWS)
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != ops.k
             or x.device != ops.packed.device):
         return _bnb_matmul(x, weight, bias)
