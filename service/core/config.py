@@ -59,10 +59,11 @@ class Settings(BaseSettings):
     # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
     # optionally torch.compile the step first.
     cuda_graphs: bool = True
-    # NF4 matmuls of up to nf4_kernel_max_rows rows through our Triton kernels
+    # Opt-in: NF4 matmuls of up to nf4_kernel_max_rows rows through our Triton kernels
     # (service/inference/kernels) instead of bitsandbytes' (CUDA only; other shapes and larger
-    # batches stay bitsandbytes'). Defaults from the H200 measurements in bench/results/.
-    nf4_kernels: bool = True
+    # batches stay bitsandbytes'). Off by default: on an H200 (bench/results/h200-2026-12-02)
+    # they are exact but slower than bitsandbytes (one row: 4.18 ms vs 2.94 ms per step).
+    nf4_kernels: bool = False
     nf4_kernel_max_rows: int = Field(default=1, ge=1, le=128)
     torch_compile: bool = False
 
