@@ -226,6 +226,49 @@ def floor(best: dict) -> None:
     rec("floor", out)
 
 
+def lora(rows_list=(1, 8, 32, 128)) -> None:
+    """The multi-LoRA term of one decode step (q, k, v of 28 layers: 84 modules), PyTorch's
+    GEMMs + multiply + add vs our shrink/expand kernels, each as one CUDA graph."""
+    from service.inference.lora import LoRAContext, MultiLoRALinear
+
+    shapes = [(4096, 4096), (4096, 256), (4096, 256)]  # ChatGLM3 q, k, v (2 KV heads of 128)
+    out = []
+    for hw in (8, 64):
+        for m in rows_list:
+            ctx = LoRAContext()
+            layers = []
+            for _ in range(LAYERS):
+                for (k, n) in shapes:
+                    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+                    layer = MultiLoRALinear(lin, "p", ctx)
+                    layer.lora_A = torch.randn(256, k, device="cuda", dtype=torch.bfloat16) * 0.01
+                    layer.lora_B = torch.randn(n, 256, device="cuda", dtype=torch.bfloat16) * 0.01
+                    layer.enabled = True
+                    layers.append((layer, k, n))
+            ctx.mask = (torch.rand(m, 1, hw, device="cuda") < 0.5).to(torch.bfloat16)
+            ctx.hw = hw
+            xs = {k: torch.randn(m, 1, k, device="cuda", dtype=torch.bfloat16) for k in (4096,)}
+            ys = {n: torch.randn(m, 1, n, device="cuda", dtype=torch.bfloat16) for n in (4096, 256)}
+
+            def term():
+                for layer, k, n in layers:
+                    mask = ctx.mask
+                    if ctx.kernels:
+                        layer._add_lora_kernels(xs[k], ys[n], mask, hw)
+                    else:
+                        xa = torch.matmul(xs[k], layer.lora_A[:hw].t())
+                        ys[n] + torch.matmul(xa * mask, layer.lora_B[:, :hw].t())
+            row = dict(rows=m, hw=hw)
+            for name, flag in (("torch", False), ("ours", True)):
+                ctx.kernels = flag
+                row[f"{name}_ms"] = round(graph_time(term, reps=10) * 1e3, 3)
+            row["speedup"] = round(row["torch_ms"] / row["ours_ms"], 2)
+            out.append(row)
+            print(row, flush=True)
+            del layers
+    rec("lora_step", out)
+
+
 def write_best_gemv(best: dict, path: str | None) -> None:
     """The one-row config with the least total time over the step's four shapes."""
     if not path:
@@ -247,6 +290,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="sweep one-row configs only")
+    ap.add_argument("--lora-only", action="store_true", help="only the multi-LoRA kernels' step timing")
     ap.add_argument("--best-gemv-to", default=None, help="write the fastest one-row config (JSON) here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -261,10 +305,13 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     best: dict = {}
-    for name, fn in (("check", lambda: check(args.quick)),
-                     ("sweep", lambda: best.update({} if args.skip_sweep else sweep(args.quick, args.gemv_only))),
-                     ("best_gemv", lambda: write_best_gemv(best, args.best_gemv_to)),
-                     ("floor", lambda: floor(best))):
+    sections = [("check", lambda: check(args.quick)),
+                ("sweep", lambda: best.update({} if args.skip_sweep else sweep(args.quick, args.gemv_only))),
+                ("best_gemv", lambda: write_best_gemv(best, args.best_gemv_to)),
+                ("floor", lambda: floor(best)), ("lora", lora)]
+    if args.lora_only:
+        sections = [("lora", lora)]
+    for name, fn in sections:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - keep the other sections' results

@@ -187,7 +187,8 @@ async def cold_ttft(engine, names: list[str], prompt: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool) -> None:
+async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool,
+                     lora_kernels: bool = False) -> None:
     """One engine, measured. `prefix` names its rows (e.g. "bnb_" for bitsandbytes' kernels)."""
     from service.core.config import Settings
     from service.core.registry import AdapterRegistry
@@ -200,7 +201,7 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
                         max_batch_size=streams_max, max_seq_len=args.max_seq_len, max_queue=4096,
                         request_timeout_s=3600, cuda_graphs=not args.no_graphs, torch_compile=args.compile,
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
-                        nf4_kernel_max_rows=args.nf4_max_rows)
+                        nf4_kernel_max_rows=args.nf4_max_rows, lora_kernels=lora_kernels)
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -264,7 +265,8 @@ async def main_async(args) -> None:
     if args.compare_bnb and not args.tiny:
         # The previous path (bitsandbytes' NF4 kernels), same process, same card, first.
         await run_engine(args, base, "bnb_", nf4_kernels=False, full=False)
-    await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True)
+    await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True,
+                     lora_kernels=args.lora_kernels)
     if args.kernel_floor and not args.tiny:
         sys.path.insert(0, str(ROOT / "bench"))
         import kernels as kernel_bench
@@ -295,6 +297,7 @@ def main() -> None:
     p.add_argument("--large-streams", type=int, default=128, help="the many-streams row (0: skip)")
     p.add_argument("--large-adapters", type=int, default=32)
     p.add_argument("--no-nf4-kernels", action="store_true", help="serve with bitsandbytes' NF4 kernels")
+    p.add_argument("--lora-kernels", action="store_true", help="the multi-LoRA term through our Triton kernels")
     p.add_argument("--nf4-max-rows", type=int, default=1, help="rows up to which our NF4 kernels serve")
     p.add_argument("--compare-bnb", action="store_true",
                    help="first measure one stream and --streams with bitsandbytes' kernels (rows bnb_*)")

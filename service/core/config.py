@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # they are exact but slower than bitsandbytes (one row: 4.18 ms vs 2.94 ms per step).
     nf4_kernels: bool = False
     nf4_kernel_max_rows: int = Field(default=1, ge=1, le=128)
+    # Opt-in: the multi-LoRA term as two Triton kernels (shrink, expand) instead of PyTorch's
+    # GEMMs + multiply + add (CUDA only).
+    lora_kernels: bool = False
     torch_compile: bool = False
 
     # Workers.

@@ -46,6 +46,7 @@ class LoRAContext:
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # [rows, 1, hw] 0/1, activation dtype; None = no LoRA rows
         self.hw: int = 0
+        self.kernels = False  # our Triton shrink/expand instead of PyTorch's GEMMs (set by the runner)
 
 
 class LoRAGroup:
@@ -94,8 +95,22 @@ class MultiLoRALinear(nn.Module):
         if mask is None or not self.enabled:
             return out
         hw = self.ctx.hw
+        if self.ctx.kernels:
+            return self._add_lora_kernels(x, out, mask, hw)
         xa = torch.matmul(x.to(self.lora_A.dtype), self.lora_A[:hw].t())
         return out + torch.matmul(xa * mask, self.lora_B[:, :hw].t()).to(out.dtype)
+
+    def _add_lora_kernels(self, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, hw: int) -> torch.Tensor:
+        """The same sum in two launches (service/inference/kernels/lora_kernels.py), into `out`."""
+        from service.inference.kernels.lora_kernels import lora_expand, lora_shrink
+
+        x2 = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        out = out.contiguous()
+        xa = lora_shrink(x2, self.lora_A[:hw], mask[:, 0, :], x2.shape[0] // mask.shape[0])
+        lora_expand(xa, self.lora_B[:, :hw], out.view(-1, out.shape[-1]))
+        return out
 
     @property
     def pool_bytes_per_column(self) -> int:
