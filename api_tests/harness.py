@@ -90,3 +90,43 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+
+class DecodeGate:
+    """Paces an inference engine from a test, so that what a client saw before the engine
+    produced a later token does not depend on the machine's speed: installed as the runner's
+    `decode`, it stops the decode thread before its `hold_at`-th decode step (counted from
+    installation; 1 = the first decode after prefill) until `release()`. The hold is bounded
+    (`timeout`), so a test that never releases fails instead of hanging the engine.
+
+        gate = DecodeGate(engine._runner, hold_at=3)
+        monkeypatch.setattr(engine._runner, "decode", gate)
+        ... gate.wait_held(60); check what the client has now; gate.release()
+    """
+
+    def __init__(self, runner, hold_at: int = 1, timeout: float = 120.0):
+        import threading
+
+        self._decode = runner.decode
+        self.hold_at = hold_at
+        self.timeout = timeout
+        self.calls = 0
+        self.held = threading.Event()
+        self._go = threading.Event()
+        self.hold_timed_out = False
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.hold_at:
+            self.held.set()
+            self.hold_timed_out = not self._go.wait(self.timeout)
+        return self._decode(*args, **kwargs)
+
+    def wait_held(self, timeout: float) -> None:
+        """Until the decode thread is parked in the gate (the steps before it have been delivered)."""
+        if not self.held.wait(timeout):
+            raise AssertionError(f"the engine never reached decode step {self.hold_at} "
+                                 f"({self.calls} steps in {timeout:.0f} s): the reply ended too early to pace")
+
+    def release(self) -> None:
+        self._go.set()
