@@ -147,3 +147,62 @@ def age_heartbeats(store, seconds: float, *job_ids: str) -> None:
         stmt = stmt.where(JobRow.id.in_(job_ids))
     with store._write() as s:
         s.execute(stmt.values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+
+
+class DecodeStepper:
+    """Runs an inference engine's decode thread only for the steps the test grants (or freely
+    once `open()`), so "a request joins while others are decoding" happens by construction,
+    not because a sleep was long enough on this machine. Install it as the runner's `decode`
+    (`with DecodeStepper(runner) as stepper:` does and undoes that). Each wait is bounded."""
+
+    def __init__(self, runner, timeout: float = 120.0):
+        import threading
+
+        self.runner = runner
+        self._decode = runner.decode
+        self.timeout = timeout
+        self.steps = 0  # decode steps run so far
+        self.timed_out = False
+        self._granted = 0
+        self._open = False
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> "DecodeStepper":
+        self._had_attr = "decode" in vars(self.runner)
+        self.runner.decode = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open()
+        if self._had_attr:
+            self.runner.decode = self._decode
+        else:
+            del self.runner.decode
+
+    def __call__(self, *args, **kwargs):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open or self._granted > 0, self.timeout):
+                self.timed_out = True  # run on rather than hang the engine; the test fails on it
+            elif not self._open:
+                self._granted -= 1
+        try:
+            return self._decode(*args, **kwargs)
+        finally:
+            with self._cond:
+                self.steps += 1
+                self._cond.notify_all()
+
+    def grant(self, n: int) -> int:
+        """Allow n more steps; returns the step count to wait for (see `ran`)."""
+        with self._cond:
+            self._granted += n
+            self._cond.notify_all()
+            return self.steps + self._granted
+
+    def ran(self, target: int) -> bool:
+        return self.steps >= target
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()

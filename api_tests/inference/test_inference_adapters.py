@@ -136,22 +136,26 @@ def test_lru_eviction_under_a_tiny_budget(engine):
     assert st2["loads"] == st["loads"] and st2["cpu_hits"] == st["cpu_hits"] + 1
 
 
-def test_adapters_in_use_are_never_evicted(engine, monkeypatch):
-    expected = {n: _answer(engine, n, max_tokens=40).text for n in ("a", "b", "c")}
-    orig = engine._runner.decode
+def test_adapters_in_use_are_never_evicted(engine):
+    from harness import DecodeStepper
 
-    def slow(*a, **kw):
-        time.sleep(0.01)
-        return orig(*a, **kw)
-    monkeypatch.setattr(engine._runner, "decode", slow)
+    expected = {n: _answer(engine, n, max_tokens=40).text for n in ("a", "b", "c")}
 
     async def go():
-        # a and b fill the budget and keep decoding; c must wait for one of them to finish.
-        ta = asyncio.create_task(engine.generate(request(PROMPTS[0], "a", max_tokens=40)))
-        tb = asyncio.create_task(engine.generate(request(PROMPTS[0], "b", max_tokens=40)))
-        await asyncio.sleep(0.1)
-        tc = asyncio.create_task(engine.generate(request(PROMPTS[0], "c", max_tokens=40)))
-        return await asyncio.gather(ta, tb, tc)
+        # a and b fill the budget and keep decoding (held after 2 steps); c must wait for one
+        # of them to finish instead of evicting an adapter in use.
+        with DecodeStepper(engine._runner) as stepper:
+            ta = asyncio.create_task(engine.generate(request(PROMPTS[0], "a", max_tokens=40)))
+            tb = asyncio.create_task(engine.generate(request(PROMPTS[0], "b", max_tokens=40)))
+            target = stepper.grant(2)
+            end = time.monotonic() + 120
+            while not stepper.ran(target):
+                assert time.monotonic() < end and not (ta.done() or tb.done())
+                await asyncio.sleep(0.002)
+            assert engine.stats()["running"] == 2
+            tc = asyncio.create_task(engine.generate(request(PROMPTS[0], "c", max_tokens=40)))
+            stepper.open()
+            return await asyncio.gather(ta, tb, tc)
     _answer(engine, "a"), _answer(engine, "b")  # make a and b resident first
     ra, rb, rc = run(go())
     assert (ra.text, rb.text, rc.text) == (expected["a"], expected["b"], expected["c"])

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 import torch
 
+from harness import DecodeStepper
 from inference_helpers import (FIXTURE, PROMPTS, engine_settings, generate_with_ids, peft_greedy, publish,
                                request, run, teacher_forced_batches)
 from service.core.domain import BASE_ADAPTER
@@ -45,12 +47,25 @@ def _render(tokenizer, prompt):
     return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
 
 
-async def _staggered(engine, reqs, gaps):
-    tasks = []
-    for req, gap in zip(reqs, gaps):
-        tasks.append(asyncio.create_task(engine.generate(req)))
-        await asyncio.sleep(gap)  # later requests join while earlier ones are decoding
-    return await asyncio.gather(*tasks)
+async def _staggered(engine, reqs, steps_before_next):
+    """Submit reqs in order; after request i, let the engine run steps_before_next[i] decode
+    steps before the next one is submitted (0: together), so later requests join while earlier
+    ones are decoding whatever the machine's speed."""
+    with DecodeStepper(engine._runner) as stepper:
+        tasks = []
+        for req, n in zip(reqs, steps_before_next):
+            tasks.append(asyncio.create_task(engine.generate(req)))
+            if n:
+                target = stepper.grant(n)
+                deadline = time.monotonic() + 120
+                # (or nothing left to decode: every request so far already ended)
+                while not stepper.ran(target) and not all(t.done() for t in tasks):
+                    assert time.monotonic() < deadline, f"the engine ran {stepper.steps} of {target} steps"
+                    await asyncio.sleep(0.002)
+        stepper.open()
+        results = await asyncio.gather(*tasks)
+    assert not stepper.timed_out
+    return results
 
 
 CASES = [(PROMPTS[0], "a1"), (PROMPTS[1], "a2"), (PROMPTS[2], BASE_ADAPTER), (PROMPTS[3], "a3"),
@@ -64,7 +79,7 @@ def test_mixed_batch_equals_alone_and_peft(engine, registry, base_fp32, tokenize
     alone_ids = [run(generate_with_ids(engine, r)) for r in reqs]
     alone = [x[0] for x in alone_ids]
     before = dict(engine.stats()["counters"])
-    mixed = run(_staggered(engine, reqs, [0.0, 0.01, 0.0, 0.02, 0.005, 0.0, 0.0]))
+    mixed = run(_staggered(engine, reqs, [0, 2, 0, 4, 1, 0, 0]))
     after = engine.stats()["counters"]
     for (p, a), x, y in zip(CASES, alone, mixed):
         assert y.text == x.text, (p, a)
@@ -159,7 +174,7 @@ def test_4bit_mixed_batch_equals_alone_and_peft(tmp_path_factory, tiny_base, reg
         reqs = [request(p, a, max_tokens=16) for p, a in cases]
         alone_ids = [run(generate_with_ids(engine, r)) for r in reqs]
         alone = [x[0] for x in alone_ids]
-        mixed = run(_staggered(engine, reqs, [0.0, 0.01, 0.0, 0.01, 0.0]))
+        mixed = run(_staggered(engine, reqs, [0, 2, 0, 2, 0]))
         assert [m.text for m in mixed] == [x.text for x in alone]
     finally:
         run(engine.stop())
@@ -175,9 +190,9 @@ def test_padded_static_decode_shapes_change_nothing(engine, monkeypatch):
     """The CUDA-graph shapes (rows, KV length and LoRA columns rounded up to buckets, idle
     rows decoded as padding) give the same answers as exact shapes."""
     reqs = [request(p, a, max_tokens=20) for p, a in CASES[:5]]
-    exact = run(_staggered(engine, reqs, [0.0, 0.01, 0.0, 0.0, 0.0]))
+    exact = run(_staggered(engine, reqs, [0, 2, 0, 0, 0]))
     monkeypatch.setattr(engine._runner, "pad_shapes", True)
-    padded = run(_staggered(engine, reqs, [0.0, 0.0, 0.01, 0.0, 0.0]))
+    padded = run(_staggered(engine, reqs, [0, 0, 2, 0, 0]))
     assert [r.text for r in padded] == [r.text for r in exact]
     assert engine._runner.decode_buckets(2, 70, 5) == (4, 96, 8)  # 96 = max_seq_len cap
 
@@ -196,7 +211,7 @@ def test_all_linear_targets_match_peft(tmp_path_factory, base_fp32, tokenizer):
     try:
         cases = [(PROMPTS[0], "mlp"), (PROMPTS[0], "every"), (PROMPTS[1], BASE_ADAPTER), (PROMPTS[1], "mlp")]
         alone = [run(generate_with_ids(engine, request(p, a, max_tokens=16))) for p, a in cases]
-        mixed = run(_staggered(engine, [request(p, a, max_tokens=16) for p, a in cases], [0.0, 0.01, 0.0, 0.0]))
+        mixed = run(_staggered(engine, [request(p, a, max_tokens=16) for p, a in cases], [0, 2, 0, 0]))
     finally:
         run(engine.stop())
     assert [m.text for m in mixed] == [x[0].text for x in alone]
