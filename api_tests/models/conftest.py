@@ -7,12 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "chatglm3-tiny"
-
-
-def chat_messages(case: dict) -> list[dict]:
-    """golden chat_input / greedy_chat case -> messages (history + the query in its role)."""
-    return list(case["history"]) + [{"role": case["role"], "content": case["query"]}]
+from chatglm3_helpers import FIXTURE
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import FIXTURE
+from chatglm3_helpers import FIXTURE
 from safetensors.torch import load_file
 
 from service.core.errors import InvalidInput
