@@ -67,8 +67,10 @@ def test_mismatched_adapters_are_refused(engine, registry, base_fp32):
         _answer(engine, "no-such-adapter")
     with pytest.raises(NotFound):  # another tenant's adapter does not exist for t2
         _answer(engine, "a", tenant="t2")
-    # Nothing of them reached the GPU, and the base still answers.
-    assert all(n in ("a", "b", "c") for n, _ in _resident(engine))
+    # Nothing of them reached the GPU (other tests of this module's engine may have left
+    # their own adapters resident), and the base still answers.
+    refused = {"other-base", "o-proj", "liar", "other-config", "no-such-adapter"}
+    assert not {n for n, _ in _resident(engine)} & refused, _resident(engine)
     assert _answer(engine, "__base__").finish_reason == "length"
 
 
