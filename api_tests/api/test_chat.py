@@ -238,7 +238,14 @@ def test_client_disconnect_cancels_generation(engine_app, base_name, monkeypatch
         t.join(10)
 
 
-def test_chat_metrics_recorded(client):
+def test_chat_metrics_recorded(client, base_name):
+    # Its own requests (a plain one and a stream): the metrics must not rely on other tests
+    # of this module having chatted first.
+    body = {"model": base_name, "messages": MSG, "max_tokens": 4, "temperature": 0}
+    assert client.post("/v1/chat/completions", headers=AUTH_A, json=body).status_code == 200
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH_A, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        r.read()
     text = client.get("/metrics").text
     assert 'tuneserve_chat_request_duration_seconds_count{kind="base",stream="false"}' in text
     assert 'tuneserve_chat_time_to_first_token_seconds_count{kind="base"}' in text

@@ -248,6 +248,8 @@ def test_job_page_shows_failure(server, store, page):
     page.goto(f"{server.url}/#/jobs/{job.id}")
     page.wait_for_selector("#job-status [data-status=failed]")
     assert "out_of_memory" in page.inner_text("#job-error")
+    # The events table fills in after the status (its own request): wait for it, then count.
+    page.wait_for_selector("#events-body tr.level-error")
     assert page.locator("#events-body tr.level-error").count() == 1
 
 
