@@ -22,3 +22,14 @@ def own_redis(tmp_path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """pytest-randomly shuffles the order on every run; its header line is hidden under -q
+    (as `make test` runs), so say at the end how to replay this order."""
+    if not config.pluginmanager.hasplugin("randomly"):
+        return
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order shuffled by pytest-randomly: replay it with --randomly-seed={seed} "
+                                    "(or -p no:randomly for file order)")

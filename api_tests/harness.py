@@ -90,3 +90,119 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+
+class DecodeGate:
+    """Paces an inference engine from a test, so that what a client saw before the engine
+    produced a later token does not depend on the machine's speed: installed as the runner's
+    `decode`, it stops the decode thread before its `hold_at`-th decode step (counted from
+    installation; 1 = the first decode after prefill) until `release()`. The hold is bounded
+    (`timeout`), so a test that never releases fails instead of hanging the engine.
+
+        gate = DecodeGate(engine._runner, hold_at=3)
+        monkeypatch.setattr(engine._runner, "decode", gate)
+        ... gate.wait_held(60); check what the client has now; gate.release()
+    """
+
+    def __init__(self, runner, hold_at: int = 1, timeout: float = 120.0):
+        import threading
+
+        self._decode = runner.decode
+        self.hold_at = hold_at
+        self.timeout = timeout
+        self.calls = 0
+        self.held = threading.Event()
+        self._go = threading.Event()
+        self.hold_timed_out = False
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.hold_at:
+            self.held.set()
+            self.hold_timed_out = not self._go.wait(self.timeout)
+        return self._decode(*args, **kwargs)
+
+    def wait_held(self, timeout: float) -> None:
+        """Until the decode thread is parked in the gate (the steps before it have been delivered)."""
+        if not self.held.wait(timeout):
+            raise AssertionError(f"the engine never reached decode step {self.hold_at} "
+                                 f"({self.calls} steps in {timeout:.0f} s): the reply ended too early to pace")
+
+    def release(self) -> None:
+        self._go.set()
+
+
+def age_heartbeats(store, seconds: float, *job_ids: str) -> None:
+    """Move the heartbeats of these jobs (all, if none given) `seconds` into the past: a stale
+    heartbeat made deterministically, unlike sleeping past a short timeout on a busy machine
+    (where a job meant to stay fresh can go stale too)."""
+    from datetime import timedelta
+
+    import sqlalchemy as sa
+
+    from service.core.store import JobRow, utcnow
+
+    stmt = sa.update(JobRow).where(JobRow.heartbeat_at.is_not(None))
+    if job_ids:
+        stmt = stmt.where(JobRow.id.in_(job_ids))
+    with store._write() as s:
+        s.execute(stmt.values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+
+
+class DecodeStepper:
+    """Runs an inference engine's decode thread only for the steps the test grants (or freely
+    once `open()`), so "a request joins while others are decoding" happens by construction,
+    not because a sleep was long enough on this machine. Install it as the runner's `decode`
+    (`with DecodeStepper(runner) as stepper:` does and undoes that). Each wait is bounded."""
+
+    def __init__(self, runner, timeout: float = 120.0):
+        import threading
+
+        self.runner = runner
+        self._decode = runner.decode
+        self.timeout = timeout
+        self.steps = 0  # decode steps run so far
+        self.timed_out = False
+        self._granted = 0
+        self._open = False
+        self._cond = threading.Condition()
+
+    def __enter__(self) -> "DecodeStepper":
+        self._had_attr = "decode" in vars(self.runner)
+        self.runner.decode = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.open()
+        if self._had_attr:
+            self.runner.decode = self._decode
+        else:
+            del self.runner.decode
+
+    def __call__(self, *args, **kwargs):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._open or self._granted > 0, self.timeout):
+                self.timed_out = True  # run on rather than hang the engine; the test fails on it
+            elif not self._open:
+                self._granted -= 1
+        try:
+            return self._decode(*args, **kwargs)
+        finally:
+            with self._cond:
+                self.steps += 1
+                self._cond.notify_all()
+
+    def grant(self, n: int) -> int:
+        """Allow n more steps; returns the step count to wait for (see `ran`)."""
+        with self._cond:
+            self._granted += n
+            self._cond.notify_all()
+            return self.steps + self._granted
+
+    def ran(self, target: int) -> bool:
+        return self.steps >= target
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()

@@ -1,5 +1,6 @@
 """The API runs the reaper sweep too: a job left `running` by a worker that vanished is
 failed (or requeued) even when no worker process is alive to notice."""
+import threading
 import time
 
 from fastapi.testclient import TestClient
@@ -7,6 +8,7 @@ from fastapi.testclient import TestClient
 from service.api.app import create_app
 from service.core.domain import JobStatus, TrainingSpec
 from service.core.store import Store
+from workers.reaper import ReaperThread
 
 
 def _wait_status(store, job_id, status, timeout=20.0):
@@ -24,6 +26,8 @@ def test_api_fails_a_job_whose_worker_vanished(make_settings):
     store = Store(settings.resolved_database_url)
     try:
         with TestClient(create_app(settings)):
+            # The control for the test below: this app does run a reaper thread.
+            assert [t for t in threading.enumerate() if isinstance(t, ReaperThread) and t.settings is settings]
             job = store.create_job(tenant="alice", model="m", spec=TrainingSpec(max_steps=1))
             # A worker on another host claimed it, then died: no heartbeat ever again.
             store.transition(job.id, JobStatus.running, worker_id="gone-host:4242")
@@ -40,7 +44,10 @@ def test_api_reaper_can_be_switched_off(make_settings):
         with TestClient(create_app(settings)):
             job = store.create_job(tenant="alice", model="m", spec=TrainingSpec(max_steps=1))
             store.transition(job.id, JobStatus.running, worker_id="gone-host:4242")
-            time.sleep(2.0)
+            # No sweep can ever run: this app started no reaper thread (checked directly, not
+            # by sleeping a while and hoping a sweep would have happened by then).
+            assert not [t for t in threading.enumerate()
+                        if isinstance(t, ReaperThread) and t.settings is settings and t.is_alive()]
             assert store.get_job(job.id).status == JobStatus.running
     finally:
         store.close()

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import copy
 import json
-import socket
 import tempfile
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.slow  # loads the engine once (~10 s on 2 CPU cores)
 @pytest.fixture(scope="module")
 def engine_app(tmp_path_factory, redis_client):
     data = tmp_path_factory.mktemp("chat")
-    settings = Settings(data_dir=data, redis_url=REDIS_URL, task_queue="tuneserve-apitest-chat",
+    settings = Settings(data_dir=data, redis_url=REDIS_URL, task_queue=f"tuneserve-apitest-chat-{uuid.uuid4().hex[:12]}",
                         api_keys=f"{KEY_A}:alice,{KEY_B}:bob", engine_enabled=True,
                         base_model=str(FIXTURE), load_in_4bit=False, device="cpu", max_batch_size=4,
                         max_seq_len=128, adapter_gpu_budget_bytes=1 << 20)
@@ -194,27 +193,27 @@ def test_queue_full_is_429_with_retry_after(engine_app, base_name):
         engine.settings = saved
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_client_disconnect_cancels_generation(engine_app, base_name):
-    """Real HTTP (uvicorn): read two chunks of a long stream, hang up, and the engine must
-    finish the request as cancelled and free its slot."""
+def test_client_disconnect_cancels_generation(engine_app, base_name, monkeypatch):
+    """Real HTTP (uvicorn): open a long stream, hang up, and the engine must finish the
+    request as cancelled and free its slot. The engine is held before its first decode step
+    until the server has marked the request cancelled, so it cannot finish the reply first on
+    a fast machine."""
     import uvicorn
+
+    from harness import DecodeGate, free_port, wait_for
+
     app, _, _ = engine_app
     engine = app.state.tuneserve.engine
-    port = _free_port()
+    port = free_port()
     # The app's lifespan already ran under the TestClient; serve the same app without a second one.
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
+    gate = DecodeGate(engine._runner, hold_at=1)
+    monkeypatch.setattr(engine._runner, "decode", gate)
     try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: server.started or not t.is_alive(), 60, "uvicorn to start")
+        assert server.started, "uvicorn exited during startup"
         before = engine.stats()["counters"].get("finish_cancelled", 0)
         body = {"model": base_name, "messages": MSG, "max_tokens": 100, "temperature": 0, "stream": True,
                 "stop": ["\x00never"]}
@@ -222,27 +221,31 @@ def test_client_disconnect_cancels_generation(engine_app, base_name):
             with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH_A,
                              json=body) as r:
                 assert r.status_code == 200
-                seen = 0
-                for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        seen += 1
-                    if seen >= 3:
-                        break
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            st = engine.stats()
-            if st["counters"].get("finish_cancelled", 0) > before and st["running"] == 0:
-                break
-            time.sleep(0.05)
+                # The role chunk comes before any token; hang up on it.
+                assert next(line for line in r.iter_lines() if line.startswith("data: {"))
+        gate.wait_held(60)
+        assert engine.stats()["running"] == 1
+        wait_for(lambda: any(req.cancelled for req in list(engine._running.values())), 60,
+                 "the server to cancel the request of the client that hung up")
+        gate.release()
+        wait_for(lambda: engine.stats()["running"] == 0, 60, "the slot to be freed")
         st = engine.stats()
-        assert st["counters"].get("finish_cancelled", 0) > before, st["counters"]
-        assert st["running"] == 0
+        assert st["counters"].get("finish_cancelled", 0) == before + 1, st["counters"]
+        assert not gate.hold_timed_out
     finally:
+        gate.release()
         server.should_exit = True
         t.join(10)
 
 
-def test_chat_metrics_recorded(client):
+def test_chat_metrics_recorded(client, base_name):
+    # Its own requests (a plain one and a stream): the metrics must not rely on other tests
+    # of this module having chatted first.
+    body = {"model": base_name, "messages": MSG, "max_tokens": 4, "temperature": 0}
+    assert client.post("/v1/chat/completions", headers=AUTH_A, json=body).status_code == 200
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH_A, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        r.read()
     text = client.get("/metrics").text
     assert 'tuneserve_chat_request_duration_seconds_count{kind="base",stream="false"}' in text
     assert 'tuneserve_chat_time_to_first_token_seconds_count{kind="base"}' in text

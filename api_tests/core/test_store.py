@@ -4,10 +4,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from datetime import timedelta, timezone
+from datetime import timezone
 
 import pytest
 
+from harness import age_heartbeats
 from service.core.domain import (
     TRANSITIONS,
     DatasetFormat,
@@ -280,23 +281,12 @@ def test_cancel_semantics(store: Store):
         store.is_cancel_requested("ftjob-000000000000000000000000")
 
 
-def _age_heartbeats(store: Store, seconds: float) -> None:
-    """Move every heartbeat into the past (deterministic, unlike sleeping on a busy machine)."""
-    import sqlalchemy as sa
-
-    from service.core.store import JobRow, utcnow
-
-    with store._write() as s:
-        s.execute(sa.update(JobRow).where(JobRow.heartbeat_at.is_not(None))
-                  .values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
-
-
 def test_heartbeat_and_stale_running_jobs(store: Store):
     a, b, c = _job(store), _job(store), _job(store)
     store.transition(a.id, JobStatus.running, worker_id="w1")
     store.transition(b.id, JobStatus.running, worker_id="w2")
     assert store.stale_running_jobs(3600) == []
-    _age_heartbeats(store, 600)  # both beat 10 minutes ago...
+    age_heartbeats(store, 600)  # both beat 10 minutes ago...
     store.heartbeat(b.id, "w2b")  # ...then b beats again
     stale = store.stale_running_jobs(300)
     assert [j.id for j in stale] == [a.id]  # b beat recently; c is not running

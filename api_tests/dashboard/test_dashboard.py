@@ -2,8 +2,9 @@
 
 The real app (create_app) runs under uvicorn on a free port in a thread; jobs and events are
 seeded straight into its store, so the loss curve needs no training. The playground test
-runs the inference engine on the tiny ChatGLM3 fixture and checks the reply arrives in
-several pieces, observed from the test's own MutationObserver.
+runs the inference engine on the tiny ChatGLM3 fixture and holds its decode thread mid-reply
+(harness.DecodeGate): the page must already show part of the reply while the engine has not
+produced the rest, whatever the machine's speed.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class _Server:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.port = _free_port()
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
                                 log_level="warning", lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -246,6 +248,8 @@ def test_job_page_shows_failure(server, store, page):
     page.goto(f"{server.url}/#/jobs/{job.id}")
     page.wait_for_selector("#job-status [data-status=failed]")
     assert "out_of_memory" in page.inner_text("#job-error")
+    # The events table fills in after the status (its own request): wait for it, then count.
+    page.wait_for_selector("#events-body tr.level-error")
     assert page.locator("#events-body tr.level-error").count() == 1
 
 
@@ -336,8 +340,42 @@ def chat_server(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~10 s of engine start-up (torch + the tiny model) before the browser runs
-def test_playground_streams_a_reply(chat_server, page):
+def _first_delta_token(engine, prompt: str, max_tokens: int) -> tuple[int, str]:
+    """(tokens the engine must produce before the reply's first text delta, whole reply) for a
+    greedy request, run straight on the engine: the reply head and incomplete UTF-8 are held
+    back, so the first delta may need several tokens."""
+    import asyncio
+    import concurrent.futures
+
+    from service.core.domain import BASE_ADAPTER, ChatMessage, GenerationRequest, SamplingParams
+
+    async def go():
+        stream = await engine.stream(GenerationRequest(
+            tenant=TENANT, adapter=BASE_ADAPTER, messages=[ChatMessage(role="user", content=prompt)],
+            params=SamplingParams(max_tokens=max_tokens, temperature=0.0)))
+        first, text = None, ""
+        async for delta in stream:
+            first = first or len(stream.token_ids)
+            text += delta
+        return first, text, len(stream.token_ids)
+    # Its own loop in its own thread: Playwright's sync API already runs one in this thread.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first, text, total = pool.submit(asyncio.run, asyncio.wait_for(go(), 120)).result()
+    assert first is not None and total > first + 2, f"the reply is too short to show streaming: {text!r}"
+    return first, text
+
+
+def test_playground_streams_a_reply(chat_server, page, monkeypatch):
+    """Incremental streaming, independent of speed: the engine is held at the decode step
+    just after the one that makes the first text delta, the page must show part of the reply
+    while it is held, and the finished reply, produced only after the release, extends it."""
     import httpx
+
+    from harness import DecodeGate
+
+    prompt = "你好，介绍一下这条裙子"
+    engine = chat_server.app.state.tuneserve.engine
+    first_token, expected = _first_delta_token(engine, prompt, 48)
 
     ready = httpx.get(f"{chat_server.url}/readyz", timeout=10)
     assert ready.json()["checks"]["engine"] == "ready", ready.text
@@ -350,8 +388,7 @@ def test_playground_streams_a_reply(chat_server, page):
     assert page.input_value("#chat-model") == base
     page.fill("#chat-max-tokens", "48")
     page.fill("#chat-temperature", "0")
-    # The test's own observer: every callback is a separate task in which the reply changed,
-    # so more than one callback means the text arrived in more than one piece.
+    # The test's own observer: every callback is a separate task in which the reply changed.
     page.evaluate("""() => {
         window.__replySnapshots = [];
         const log = document.querySelector('#chat-log');
@@ -362,18 +399,34 @@ def test_playground_streams_a_reply(chat_server, page):
             if (text && snaps[snaps.length - 1] !== text) snaps.push(text);
         }).observe(log, {subtree: true, childList: true, characterData: true});
     }""")
-    page.fill("#chat-input", "你好，介绍一下这条裙子")
+    # Held before decode step k, the engine has delivered k - 1 tokens (prefill's and steps
+    # 1..k-2; step k-1's is read after step k is launched): k = first_token + 1 is the first
+    # hold at which the first delta can exist, and all later tokens are still to come.
+    hold_at = first_token + 1
+    gate = DecodeGate(engine._runner, hold_at=hold_at)
+    monkeypatch.setattr(engine._runner, "decode", gate)
+    page.fill("#chat-input", prompt)
     page.click("#chat-send")
+    try:
+        gate.wait_held(120)
+        partial = page.wait_for_function(
+            "() => document.querySelector('.msg.assistant .content')?.textContent || null").json_value()
+        produced_while_held = gate.calls
+        still_streaming = page.get_attribute(".msg.assistant", "data-done") is None
+    finally:
+        gate.release()
     reply = page.wait_for_selector(".msg.assistant[data-done=true]", timeout=120_000)
     assert "failed" not in (reply.get_attribute("class") or ""), page.inner_text("#flash")
+    assert not gate.hold_timed_out
+    assert produced_while_held == hold_at and still_streaming, "the engine moved on before the page was checked"
 
-    text = page.inner_text(".msg.assistant .content")
-    assert text.strip(), "empty reply"
-    chunks = int(reply.get_attribute("data-chunks"))
-    reads = int(reply.get_attribute("data-reads"))
+    text = page.eval_on_selector(".msg.assistant .content", "e => e.textContent")
+    assert text == expected, "the page's reply is not the engine's greedy reply"
+    assert text.startswith(partial) and len(text) > len(partial), (partial, text)
+    assert gate.calls > hold_at, "the rest of the reply came from decode steps after the release"
+    assert int(reply.get_attribute("data-chunks")) > 1, f"one SSE chunk only: {text!r}"
     snapshots = page.evaluate("window.__replySnapshots")
-    assert chunks > 1, f"one SSE chunk only: {text!r}"
-    assert len(snapshots) > 1 and reads > 1, f"reply did not arrive incrementally: {snapshots}"
+    assert partial in snapshots and snapshots[-1] != partial, snapshots
     # each snapshot extends the previous one: token-by-token growth, never a rewrite
     assert all(b.startswith(a) for a, b in zip(snapshots, snapshots[1:]))
     assert snapshots[-1] == page.eval_on_selector(".msg.assistant .content", "e => e.textContent")

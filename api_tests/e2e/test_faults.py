@@ -160,8 +160,9 @@ def test_api_restart_mid_stream_keeps_everything(restartable):
                            hyperparameters=_hyper(max_steps=50))
     c.close()
     probe, t_sig = _stop_mid_stream(deployment, signal.SIGKILL)
+    # Noticed through the closed connection (a transport error), not by running into the read
+    # timeout ("HANG:..."): that is the speed-independent form of "noticed at once".
     assert probe.outcome not in ("done", None) and not probe.outcome.startswith("HANG"), probe.outcome
-    assert probe.ended_at - t_sig < 10, f"the client noticed the crash only after {probe.ended_at - t_sig:.1f} s"
     assert probe.chunks < 220
     print(f"SIGKILL: stream ended with {probe.outcome} after {probe.chunks} chunks, "
           f"{probe.ended_at - t_sig:.2f} s after the kill")

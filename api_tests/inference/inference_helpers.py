@@ -101,6 +101,20 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
     batch in reverse slot order; returns (alone, mixed, mixed_reversed), each per case (in
     `cases` order) logits [steps + 1, V] (prefill's last token, then each decode step).
     Drives the engine's runner directly: the engine must be idle."""
+    n = len(cases)
+    alone, mixed, mixed_reversed = teacher_forced_batches(
+        engine, tenant, cases, [[i] for i in range(n)] + [list(range(n)), list(reversed(range(n)))],
+        steps=steps, seed=seed)
+    return [b[0] for b in alone], mixed, mixed_reversed[::-1]
+
+
+def teacher_forced_batches(engine, tenant: str, cases: list[tuple[str, str | None]], batches: list[list[int]],
+                           *, steps: int = 12, seed: int = 0, common_width: bool = False) -> list[list]:
+    """The teacher-forced runs behind `teacher_forced_rows`, for any batches: each batch is a
+    list of case indices (repeats allowed), placed in slots 0..n-1 in that order; returns per
+    batch the logits [steps + 1, V] of each row. Every case that shares a prompt text sees the
+    same forced tokens. `common_width`: every batch runs with the LoRA column window of all
+    cases together (the widest), so batches of one size run in exactly the same shapes."""
     import torch
 
     from service.inference.lora import parse_peft_adapter
@@ -121,23 +135,23 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
                   for p in dict.fromkeys(p for p, _ in cases)}
     forced = torch.stack([per_prompt[p] for p, _ in cases])
 
-    def run_together(idxs: list[int]) -> list:
+    def run_together(idxs: list[int], min_hw: int) -> list:
         n = len(idxs)
         slots = list(range(n))
         for slot, i in enumerate(idxs):
             runner.bind_slot(slot, cols.get(cases[i][1]))
-        hw = max((max(cols[cases[i][1]]) + 1 for i in idxs if cases[i][1]), default=0)
+        hw = max([max(cols[cases[i][1]]) + 1 for i in idxs if cases[i][1]] + [min_hw])
         out = [[] for _ in idxs]
         logits = runner.prefill(slots, [prompts[i] for i in idxs], hw)
         for j in range(n):
-            out[j].append(logits[j].float().cpu())
+            out[j].append(logits[j].detach().float().cpu())
         idx = torch.tensor(slots, device=runner.device)
         runner.tok_buf[idx] = forced[idxs, 0].to(runner.device)
         runner.pos_buf[idx] = torch.tensor([len(prompts[i]) for i in idxs], device=runner.device)
         for step in range(steps):
             max_pos = max(len(prompts[i]) + step for i in idxs)
             nb, kv_len, hw_b = runner.decode_buckets(n - 1, max_pos, hw)
-            logits = runner.decode(nb, kv_len, hw_b)[:n].float().cpu()
+            logits = runner.decode(nb, kv_len, hw_b)[:n].detach().float().cpu()
             for j in range(n):
                 out[j].append(logits[j])
             if step + 1 < steps:
@@ -146,11 +160,10 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
             runner.clear_slot(slot)
         return [torch.stack(o) for o in out]
 
+    widest = max((max(c) + 1 for c in cols.values()), default=0) if common_width else 0
     try:
-        alone = [run_together([i])[0] for i in range(len(cases))]
-        mixed = run_together(list(range(len(cases))))
-        mixed_reversed = run_together(list(reversed(range(len(cases)))))[::-1]
+        return [run_together(b, widest) for b in batches]
     finally:
         for name in names:
             runner.release_adapter(cols[name], parsed[name].targeted)
-    return alone, mixed, mixed_reversed
+

@@ -29,18 +29,31 @@ def engine(tmp_path_factory, base_fp32):
 @pytest.fixture
 def slow_decode(engine, monkeypatch):
     """Make every decode step take at least `delay` seconds (the tiny model is too fast to
-    observe timeouts and cancellation otherwise)."""
-    def apply(delay: float):
+    observe timeouts and cancellation otherwise); returns a list whose length is the number
+    of decode steps run since."""
+    def apply(delay: float) -> list:
         orig = engine._runner.decode
+        steps: list[None] = []
 
         def slow(*a, **kw):
             time.sleep(delay)
+            steps.append(None)
             return orig(*a, **kw)
         monkeypatch.setattr(engine._runner, "decode", slow)
+        return steps
     return apply
 
 
-async def _wait_idle(engine, timeout=2.0):
+async def _wait_until(predicate, timeout: float, what: str) -> None:
+    """Poll on the event loop (the engine answers on it) until predicate() holds."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def _wait_idle(engine, timeout=60.0):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         st = engine.stats()
@@ -140,8 +153,7 @@ def test_queue_full_answers_retry_after(engine, slow_decode, monkeypatch):
 
     async def go():
         streams = [await engine.stream(request(p, max_tokens=60)) for p in PROMPTS[:4]]  # fill 4 slots
-        await asyncio.sleep(0.2)
-        assert engine.stats()["running"] == 4
+        await _wait_until(lambda: engine.stats()["running"] == 4, 60, "4 running requests")
         monkeypatch.setattr(engine.settings, "max_queue", 2)
         streams += [await engine.stream(request(PROMPTS[0], max_tokens=60)) for _ in range(2)]  # queued
         with pytest.raises(QueueFull) as err:
@@ -168,18 +180,34 @@ def test_timeout_before_first_token_raises(engine, slow_decode):
     assert engine.stats()["counters"]["finish_timeout"] >= 1
 
 
-def test_timeout_mid_generation_finishes_with_timeout(engine, slow_decode):
-    slow_decode(0.03)
-    res = run(engine.generate(request(PROMPTS[0], max_tokens=100, timeout_s=0.4)))
+def test_timeout_mid_generation_finishes_with_timeout(engine, monkeypatch):
+    """The engine is held at its 3rd decode step until the request's deadline has passed, so
+    the timeout lands mid-generation whatever the machine's speed."""
+    from harness import DecodeGate
+
+    gate = DecodeGate(engine._runner, hold_at=3)
+    monkeypatch.setattr(engine._runner, "decode", gate)
+
+    async def go():
+        task = asyncio.create_task(engine.generate(request(PROMPTS[0], max_tokens=100, timeout_s=0.5)))
+        await _wait_until(gate.held.is_set, 60, "the engine to reach decode step 3")
+        held_at = time.monotonic()  # after the request was admitted, so after its deadline started
+        await _wait_until(lambda: time.monotonic() > held_at + 0.5, 60, "the request's deadline to pass")
+        gate.release()
+        return await task
+    try:
+        res = run(go())
+    finally:
+        gate.release()
     assert res.finish_reason == "timeout" and 0 < res.completion_tokens < 100
     run(_wait_idle(engine))
 
 
 def test_cancelled_stream_frees_its_slot(engine, slow_decode):
-    slow_decode(0.03)
+    steps = slow_decode(0.03)
+    got: list[str] = []
 
     async def consume(stream, n):
-        got = []
         async for d in stream:
             got.append(d)
             if len(got) == n:
@@ -191,14 +219,15 @@ def test_cancelled_stream_frees_its_slot(engine, slow_decode):
         # 1) the consumer task is cancelled (what a client disconnect does to the SSE task)
         s1 = await engine.stream(request(PROMPTS[0], max_tokens=100))
         task = asyncio.create_task(consume(s1, 2))
-        await asyncio.sleep(0.3)
+        await _wait_until(lambda: len(got) == 2, 60, "two deltas")
         assert engine.stats()["running"] == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        t0 = time.monotonic()
+        at_cancel = len(steps)
         await _wait_idle(engine)
-        assert time.monotonic() - t0 < 0.5  # freed at the next step boundary
+        # Freed at the next step boundary: at most the step in flight and one more ran.
+        assert len(steps) - at_cancel <= 2, len(steps) - at_cancel
         assert s1.finish_reason == "cancelled"
         # 2) the consumer closes the stream early
         s2 = await engine.stream(request(PROMPTS[1], "a1", max_tokens=100))

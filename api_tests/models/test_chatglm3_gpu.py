@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import chat_messages
+from chatglm3_helpers import chat_messages
 from safetensors.torch import load_file
 
 from service.models import load_model, render_chat, stop_token_ids

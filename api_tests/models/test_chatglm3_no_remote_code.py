@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FIXTURE
+from chatglm3_helpers import FIXTURE
 
 from service.core.errors import InvalidInput
 from service.models import load_model, load_tokenizer, render_chat, resolve_base_model

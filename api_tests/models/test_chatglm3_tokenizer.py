@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import chat_messages
+from chatglm3_helpers import chat_messages
 
 from service.core.errors import InvalidInput
 from service.models import (IGNORE_INDEX, render_chat, stop_token_ids, tokenize_chat,

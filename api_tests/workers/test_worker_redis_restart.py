@@ -37,7 +37,8 @@ def test_redis_restarted_empty_with_jobs_queued_loses_none(tmp_path, own_redis):
         app = make_celery(settings, name="tuneserve-test")
         train_id = training_file(store, world.data_dir, 8)
         # The first job runs long enough to still be training when Redis dies.
-        first = create_job(store, train_id, tiny_spec(max_steps=10, checkpoint_steps=1000, eval_max_samples=0))
+        # (40 steps: a wide margin over the few store writes between its first step and the kill)
+        first = create_job(store, train_id, tiny_spec(max_steps=40, checkpoint_steps=1000, eval_max_samples=0))
         send_train(app, settings, first.id)
         wait_for(lambda: store.get_job(first.id).progress.step >= 1, 120, "the first job to train")
         queued = [create_job(store, train_id, tiny_spec(max_steps=2, eval_max_samples=0)) for _ in range(2)]

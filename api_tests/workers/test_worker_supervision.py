@@ -9,12 +9,16 @@ import time
 
 import pytest
 
+from harness import age_heartbeats
 from service.core.domain import JobStatus, TrainingSpec
 from workers.celery_app import make_celery, send_train
 from workers.reaper import Reaper, RedisQueueProbe, owner_alive, worker_identity
 from workers.tasks import claim_job
 
 TENANT = "acme"
+# Heartbeats are made stale by moving them STALE_S into the past (age_heartbeats), never by
+# sleeping past a short timeout: on a busy machine a job meant to stay fresh would go stale too.
+TIMEOUT_S, STALE_S = 60.0, 600.0
 
 
 def new_job(store, status=JobStatus.queued):
@@ -58,10 +62,10 @@ def test_claim_final_job_is_idempotent(world, store):
 
 
 def test_claim_takes_over_from_dead_owner_and_counts_the_run(world, store):
-    settings = world.settings(heartbeat_timeout_s=0.3)
+    settings = world.settings(heartbeat_timeout_s=TIMEOUT_S)
     job = new_job(store)
     run_n_times(store, job.id, 1, worker_id="gone-host:77")
-    time.sleep(0.5)  # heartbeat goes stale
+    age_heartbeats(store, STALE_S, job.id)
     claimed = claim_job(store, job.id, "me:1", settings)
     assert claimed is not None and claimed.attempts == 2 and claimed.worker_id == "me:1"
     messages = [e.message for e in store.all_events(job.id)]
@@ -78,21 +82,21 @@ def test_claim_sees_a_dead_local_pid_without_waiting_for_the_heartbeat(world, st
 
 
 def test_claim_fails_worker_lost_when_runs_are_used_up(world, store):
-    settings = world.settings(heartbeat_timeout_s=0.3, job_max_attempts=2)
+    settings = world.settings(heartbeat_timeout_s=TIMEOUT_S, job_max_attempts=2)
     job = new_job(store)
     run_n_times(store, job.id, 2)
-    time.sleep(0.5)
+    age_heartbeats(store, STALE_S, job.id)
     assert claim_job(store, job.id, "me:1", settings) is None
     failed = store.get_job(job.id)
     assert failed.status is JobStatus.failed and failed.error.code == "worker_lost"
 
 
 def test_claim_cancels_a_dead_job_whose_cancel_was_requested(world, store):
-    settings = world.settings(heartbeat_timeout_s=0.3)
+    settings = world.settings(heartbeat_timeout_s=TIMEOUT_S)
     job = new_job(store)
     run_n_times(store, job.id, 1)
     store.request_cancel(job.id, TENANT)
-    time.sleep(0.5)
+    age_heartbeats(store, STALE_S, job.id)
     assert claim_job(store, job.id, "me:1", settings) is None
     assert store.get_job(job.id).status is JobStatus.cancelled
 
@@ -100,7 +104,7 @@ def test_claim_cancels_a_dead_job_whose_cancel_was_requested(world, store):
 # -- the reaper ----------------------------------------------------------------------------
 @pytest.fixture
 def reaper_parts(world, store):
-    def make(**overrides):
+    def make(clock=time.monotonic, **overrides):
         settings = world.settings(**overrides)
         app = make_celery(settings, name="tuneserve-test")
         probe = RedisQueueProbe(settings.redis_url, settings.task_queue)
@@ -110,18 +114,18 @@ def reaper_parts(world, store):
             sent.append(job_id)
             send_train(app, settings, job_id)
 
-        return Reaper(store, settings, send, probe), probe, sent
+        return Reaper(store, settings, send, probe, clock=clock), probe, sent
     return make
 
 
 def test_reaper_fails_vanished_worker_with_attempts_exhausted(reaper_parts, store):
     """(d) a job whose worker vanished and that is never redelivered: the reaper ends it."""
-    reaper, probe, sent = reaper_parts(heartbeat_timeout_s=0.3, job_max_attempts=3)
+    reaper, probe, sent = reaper_parts(heartbeat_timeout_s=TIMEOUT_S, job_max_attempts=3)
     job = new_job(store)
     run_n_times(store, job.id, 3, worker_id="vanished-host:4242")
     fresh = new_job(store)
     run_n_times(store, fresh.id, 1, worker_id="alive-host:1")
-    time.sleep(0.5)
+    age_heartbeats(store, STALE_S)
     store.heartbeat(fresh.id, "alive-host:1")  # this one's worker is alive
     report = reaper.run_once()
     assert report.failed == [job.id] and not report.requeued and sent == []
@@ -135,10 +139,10 @@ def test_reaper_fails_vanished_worker_with_attempts_exhausted(reaper_parts, stor
 
 
 def test_reaper_requeues_stale_running_job_into_the_broker(reaper_parts, store):
-    reaper, probe, sent = reaper_parts(heartbeat_timeout_s=0.3, job_max_attempts=3)
+    reaper, probe, sent = reaper_parts(heartbeat_timeout_s=TIMEOUT_S, job_max_attempts=3)
     job = new_job(store)
     run_n_times(store, job.id, 1, worker_id="vanished-host:4242")
-    time.sleep(0.5)
+    age_heartbeats(store, STALE_S, job.id)
     report = reaper.run_once()
     assert report.requeued == [job.id] and sent == [job.id]
     assert store.get_job(job.id).status is JobStatus.queued
@@ -153,14 +157,15 @@ def test_reaper_requeues_job_of_dead_local_process_at_once(reaper_parts, store):
 
 
 def test_reaper_resends_queued_jobs_the_broker_lost_after_grace(reaper_parts, store, own_redis, world):
-    reaper, probe, sent = reaper_parts(requeue_grace_s=0.5)
+    now = [1000.0]  # the reaper's clock, moved by the test: the grace passes without a sleep
+    reaper, probe, sent = reaper_parts(clock=lambda: now[0], requeue_grace_s=0.5)
     settings = world.settings()
     app = make_celery(settings, name="tuneserve-test")
     in_queue = new_job(store)
     send_train(app, settings, in_queue.id)
     lost = new_job(store)  # committed, but its message never reached (or was lost by) Redis
     assert reaper.run_once().resent == []  # first sighting starts the grace period
-    time.sleep(0.6)
+    now[0] += 0.6
     report = reaper.run_once()
     assert report.resent == [lost.id] and sent == [lost.id]
     assert {in_queue.id, lost.id} <= probe.job_ids()

@@ -5,7 +5,6 @@ training core only where the point is the task's handling of what training raise
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -155,8 +154,10 @@ def test_heartbeat_refreshes_while_training(world, store):
 
     def train(run, progress):
         first = store.get_job(run.job_id).heartbeat_at
-        time.sleep(0.5)
-        seen.append((first, store.get_job(run.job_id).heartbeat_at))
+        # Poll for a newer beat (a fixed sleep could end before a busy machine's next beat).
+        later = wait_for(lambda: (hb := store.get_job(run.job_id).heartbeat_at) > first and hb, 60,
+                         "a heartbeat while training")
+        seen.append((first, later))
         return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
 
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"

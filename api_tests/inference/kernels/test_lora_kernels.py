@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="triton has no wheel for this platform (x86-64 Linux only)")
+
 from service.inference.lora import LoRAContext, MultiLoRALinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,6 +10,8 @@ import bitsandbytes.functional as F
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="triton has no wheel for this platform (x86-64 Linux only)")
+
 from service.inference import kernels
 from service.inference.kernels.linear import NF4Linear, use_nf4_kernels
 
