@@ -1,0 +1,163 @@
+"""`tuneserve up` as a supervisor (issue 11 items 2 and 9), with real processes: a crashed
+worker or API is restarted with backoff while the rest keeps serving, repeated crashes make `up`
+give up loudly, and a SIGKILLed `up` takes its children with it.
+
+The API runs with the engine off (these tests are about processes, not the model), so it
+starts in seconds; the worker is the real Celery worker."""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from harness import free_port, process_env, wait_for
+from service.launcher import RestartPolicy
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT = 180
+
+
+def test_backoff_doubles_per_recent_crash_and_is_capped():
+    p = RestartPolicy(max_restarts=10, backoff_s=0.5, max_backoff_s=3)
+    assert [p.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+
+
+def pid_alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (new) parent to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@dataclass
+class Up:
+    """One `tuneserve up` process, its log, and the pids it reports for its children."""
+    proc: subprocess.Popen
+    log_path: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self, name: str) -> list[int]:
+        return [int(m) for m in re.findall(rf"(?:started|restarted) {name} \(pid (\d+)\)", self.log())]
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_up(self, what: str, *, workers: int = 1, apis: int = 1) -> None:
+        """Both children started (`workers`/`apis` times so far), the API answering, the worker ready."""
+        def ready():
+            assert self.proc.poll() is None, f"up exited with {self.proc.returncode}\n{self.log()[-6000:]}"
+            return (len(self.pids("worker")) >= workers and len(self.pids("api")) >= apis
+                    and self.log().count(" ready.") >= workers and self.healthy())
+        wait_for(ready, START_TIMEOUT, what, interval=0.2, diagnostics=lambda: self.log()[-6000:])
+
+
+@pytest.fixture
+def start_up(tmp_path, own_redis, demo_base):
+    ups: list[Up] = []
+
+    def start(*args: str) -> Up:
+        port = free_port()
+        data = tmp_path / f"data{len(ups)}"
+        env = process_env(data_dir=data, database_url=f"sqlite:///{data / 'tuneserve.db'}",
+                          redis_url=own_redis.url, queue="training")
+        env.update(TUNESERVE_PORT=str(port), TUNESERVE_BASE_MODEL=str(demo_base), TUNESERVE_ENGINE_ENABLED="false",
+                   COLUMNS="200", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        log_path = tmp_path / f"up{len(ups)}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", *args], cwd=tmp_path, env=env,
+                                stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+        up = Up(proc, log_path, port)
+        ups.append(up)
+        return up
+
+    yield start
+    for up in ups:
+        if up.proc.poll() is None:
+            up.proc.send_signal(signal.SIGTERM)
+            try:
+                up.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                up.proc.kill()
+                up.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory) -> Path:
+    from service.models import build_demo_model
+    return build_demo_model(tmp_path_factory.mktemp("models") / "demo")
+
+
+def _kill(pid: int) -> None:
+    import os
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_crashed_worker_or_api_is_restarted_and_the_rest_keeps_serving(start_up):
+    up = start_up("--restart-backoff", "0.5")
+    up.wait_up("up started")
+    api_pid, worker_pid = up.pids("api")[0], up.pids("worker")[0]
+
+    _kill(worker_pid)
+    # While the worker is down and coming back, the API keeps answering (it was never stopped).
+    wait_for(lambda: "worker exited with code -9; restarting in 0.5 s (restart 1 of 5 in 60 s)" in up.log(),
+             30, "the supervisor to report the worker's crash", diagnostics=lambda: up.log()[-4000:])
+    assert up.healthy() and pid_alive(api_pid)
+    up.wait_up("the worker restarted", workers=2)
+    assert up.pids("api") == [api_pid] and pid_alive(api_pid)
+    assert not pid_alive(worker_pid) and pid_alive(up.pids("worker")[1])
+
+    _kill(api_pid)
+    wait_for(lambda: "api exited with code -9; restarting in 0.5 s (restart 1 of 5 in 60 s)" in up.log(),
+             30, "the supervisor to report the API's crash", diagnostics=lambda: up.log()[-4000:])
+    up.wait_up("the API restarted", workers=2, apis=2)
+    assert pid_alive(up.pids("worker")[1]), "the worker was stopped with the API"
+    assert up.proc.poll() is None
+
+    up.proc.send_signal(signal.SIGINT)  # Ctrl-C: the only way (with SIGTERM) to stop everything
+    assert up.proc.wait(60) == 0, up.log()[-4000:]
+    assert "stopping tuneserve" in up.log()
+    assert not any(pid_alive(p) for p in up.pids("worker") + up.pids("api"))
+
+
+def test_repeated_crashes_make_up_give_up_loudly(start_up):
+    up = start_up("--max-restarts", "1", "--restart-window", "600", "--restart-backoff", "0.2")
+    up.wait_up("up started")
+    _kill(up.pids("worker")[0])
+    up.wait_up("the worker restarted once", workers=2)
+    api_pid = up.pids("api")[0]
+    _kill(up.pids("worker")[1])  # the second crash in the window: one more than allowed
+    code = up.proc.wait(60)
+    out = up.log()
+    assert code == 1, out[-4000:]
+    assert "worker exited with code -9: 2 crashes in 600 s, more than the 1 restarts allowed; giving up, stopping tuneserve" in out, out[-4000:]
+    assert len(up.pids("worker")) == 2  # not restarted a second time
+    wait_for(lambda: not pid_alive(api_pid), 30, "the API to be stopped with up")
+
+
+def test_children_die_with_a_sigkilled_up(start_up):
+    up = start_up()
+    up.wait_up("up started")
+    children = up.pids("api") + up.pids("worker")
+    assert all(pid_alive(p) for p in children)
+    up.proc.send_signal(signal.SIGKILL)
+    up.proc.wait(10)
+    wait_for(lambda: not any(pid_alive(p) for p in children), 30, "up's children to exit with it",
+             diagnostics=lambda: f"alive: {[p for p in children if pid_alive(p)]}\n{up.log()[-3000:]}")
+    assert not up.healthy()
