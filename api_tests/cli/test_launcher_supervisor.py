@@ -6,17 +6,14 @@ The API runs with the engine off (these tests are about processes, not the model
 starts in seconds; the worker is the real Celery worker."""
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
-from harness import free_port, process_env, wait_for
+from harness import Up, free_port, pid_alive, process_env, wait_for
 from service.launcher import RestartPolicy
 
 pytestmark = pytest.mark.slow
@@ -26,47 +23,6 @@ START_TIMEOUT = 180
 def test_backoff_doubles_per_recent_crash_and_is_capped():
     p = RestartPolicy(max_restarts=10, backoff_s=0.5, max_backoff_s=3)
     assert [p.delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
-
-
-def pid_alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its (new) parent to reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-@dataclass
-class Up:
-    """One `tuneserve up` process, its log, and the pids it reports for its children."""
-    proc: subprocess.Popen
-    log_path: Path
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def pids(self, name: str) -> list[int]:
-        return [int(m) for m in re.findall(rf"(?:started|restarted) {name} \(pid (\d+)\)", self.log())]
-
-    def healthy(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_up(self, what: str, *, workers: int = 1, apis: int = 1) -> None:
-        """Both children started (`workers`/`apis` times so far), the API answering, the worker ready."""
-        def ready():
-            assert self.proc.poll() is None, f"up exited with {self.proc.returncode}\n{self.log()[-6000:]}"
-            return (len(self.pids("worker")) >= workers and len(self.pids("api")) >= apis
-                    and self.log().count(" ready.") >= workers and self.healthy())
-        wait_for(ready, START_TIMEOUT, what, interval=0.2, diagnostics=lambda: self.log()[-6000:])
 
 
 @pytest.fixture
@@ -81,9 +37,7 @@ def start_up(tmp_path, own_redis, demo_base):
         env.update(TUNESERVE_PORT=str(port), TUNESERVE_BASE_MODEL=str(demo_base), TUNESERVE_ENGINE_ENABLED="false",
                    COLUMNS="200", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         log_path = tmp_path / f"up{len(ups)}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", *args], cwd=tmp_path, env=env,
-                                stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-        up = Up(proc, log_path, port)
+        up = Up.start(list(args), env, log_path, port)
         ups.append(up)
         return up
 
