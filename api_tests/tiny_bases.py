@@ -54,20 +54,20 @@ def build_base(family: str, dst: Path, *, n_positions: int = 64, seed: int = 0) 
 
     tokenizer = build_tokenizer(family)
     vocab = len(tokenizer)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
     if family == "llama":
         from transformers import LlamaConfig
         config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_positions)
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=n_positions, **ids)
     elif family == "qwen3":
         from transformers import Qwen3Config
         config = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                             max_position_embeddings=n_positions)
+                             max_position_embeddings=n_positions, **ids)
     else:
         from transformers import GPT2Config
-        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions)
-    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
+        config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=n_positions, **ids)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     dst.mkdir(parents=True, exist_ok=True)
