@@ -108,7 +108,7 @@ def start_redis(url: str, log_path: Path) -> subprocess.Popen:
     proc = subprocess.Popen([binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True,  # Ctrl-C must not stop it before the worker
-                            preexec_fn=die_with_parent())
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if redis_ping(url, timeout=0.5):
@@ -208,7 +208,8 @@ class Child:
 def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     # Own session: a terminal Ctrl-C reaches only `up`, which stops children in order, and each
     # child is one process group we can stop whole; die_with_parent covers `up` being killed.
-    return subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=die_with_parent())
+    return subprocess.Popen(argv, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
 
 
 @dataclass

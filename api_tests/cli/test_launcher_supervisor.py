@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
 from harness import Up, free_port, pid_alive, process_env, wait_for
+
 from service.launcher import RestartPolicy
 
 pytestmark = pytest.mark.slow

@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from collections import Counter
 
 import httpx
 import pytest
-
 from e2e_harness import Client, System, jsonl_bytes, sample_rows, wait_for
 from harness import Up, free_port, pid_alive
 
@@ -131,7 +131,7 @@ def test_ten_jobs_survive_killed_workers_apis_and_an_empty_redis(tmp_path, demo_
             up.proc.send_signal(signal.SIGTERM)
             try:
                 up.proc.wait(60)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 up.proc.kill()
                 up.proc.wait(10)
     assert up.proc.returncode == 0, up.log()[-4000:]

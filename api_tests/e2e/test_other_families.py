@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from e2e_harness import Client, System, iter_sse, jsonl_bytes
 from tiny_bases import build_base
 

@@ -10,13 +10,13 @@ import asyncio
 import time
 
 import pytest
-
 from inference_helpers import engine_settings, request, run
+from tiny_bases import build_base
+
 from service.core.domain import ChatMessage, GenerationRequest, SamplingParams
 from service.core.errors import InvalidInput, ServiceUnavailable
 from service.core.registry import AdapterRegistry
 from service.inference.engine import InferenceEngine
-from tiny_bases import build_base
 
 N_POSITIONS = 48
 

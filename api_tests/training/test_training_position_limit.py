@@ -3,10 +3,10 @@ lowered to the model's position limit (GPT-2 `n_positions`, others `max_position
 from __future__ import annotations
 
 import pytest
+from tiny_bases import build_tokenizer
 
 from service.core.domain import TrainingSpec
 from service.models import position_limit
-from tiny_bases import build_tokenizer
 from workers.training.data import tokenize_conversations
 
 

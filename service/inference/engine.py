@@ -206,7 +206,6 @@ class InferenceEngine:
         import torch
 
         from service.inference.runner import ModelRunner
-
         from service.models import position_limit
 
         settings = self.settings
