@@ -28,11 +28,11 @@ def test_backoff_doubles_per_recent_crash_and_is_capped():
 def start_up(tmp_path, own_redis, demo_base):
     ups: list[Up] = []
 
-    def start(*args: str) -> Up:
+    def start(*args: str, redis_url: str = own_redis.url) -> Up:
         port = free_port()
         data = tmp_path / f"data{len(ups)}"
         env = process_env(data_dir=data, database_url=f"sqlite:///{data / 'tuneserve.db'}",
-                          redis_url=own_redis.url, queue="training")
+                          redis_url=redis_url, queue="training")
         env.update(TUNESERVE_PORT=str(port), TUNESERVE_BASE_MODEL=str(demo_base), TUNESERVE_ENGINE_ENABLED="false",
                    COLUMNS="200", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
         log_path = tmp_path / f"up{len(ups)}.log"
@@ -114,3 +114,19 @@ def test_children_die_with_a_sigkilled_up(start_up):
     wait_for(lambda: not any(pid_alive(p) for p in children), 30, "up's children to exit with it",
              diagnostics=lambda: f"alive: {[p for p in children if pid_alive(p)]}\n{up.log()[-3000:]}")
     assert not up.healthy()
+
+
+def test_the_redis_up_started_itself_is_restarted_too(start_up):
+    from service.launcher import redis_ping
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing answers there: up starts redis-server
+    up = start_up("--restart-backoff", "0.2", redis_url=url)
+    up.wait_up("up started")
+    assert "starting redis-server" in up.log() and redis_ping(url)
+    _kill(up.pids("redis")[0])
+    wait_for(lambda: len(up.pids("redis")) == 2 and redis_ping(url), 60, "redis restarted",
+             diagnostics=lambda: up.log()[-4000:])
+    assert "redis exited with code -9; restarting in 0.2 s (restart 1 of 5 in 60 s)" in up.log()
+    up.wait_up("the worker back on the new redis")
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0, up.log()[-4000:]
+    assert not redis_ping(url, timeout=0.2)
