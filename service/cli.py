@@ -140,12 +140,19 @@ def _run_client(fn):
 @app.command()
 def up(host: Annotated[Optional[str], typer.Option(help="Bind address (TUNESERVE_HOST).")] = None,
        port: Annotated[Optional[int], typer.Option(help="Port (TUNESERVE_PORT).")] = None,
-       worker: Annotated[bool, typer.Option(help="Also start one training worker.")] = True):
-    """The embedded default: Redis check/start, API (+ dashboard) and one training worker."""
-    from service.launcher import Launcher, LaunchError
+       worker: Annotated[bool, typer.Option(help="Also start one training worker.")] = True,
+       max_restarts: Annotated[int, typer.Option(min=0, help="Crashes of one child restarted within "
+                                                 "--restart-window; one more and `up` gives up.")] = 5,
+       restart_window: Annotated[float, typer.Option(min=1, help="Seconds over which crashes count.")] = 60.0,
+       restart_backoff: Annotated[float, typer.Option(min=0, help="First restart delay in seconds; "
+                                                      "doubles per crash in the window.")] = 1.0):
+    """The embedded default: Redis check/start, API (+ dashboard) and one training worker,
+    supervised (a crashed child is restarted with backoff)."""
+    from service.launcher import Launcher, LaunchError, RestartPolicy
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    policy = RestartPolicy(max_restarts=max_restarts, window_s=restart_window, backoff_s=restart_backoff)
     try:
-        code = Launcher(console=console, with_worker=worker, overrides=overrides).run()
+        code = Launcher(console=console, with_worker=worker, overrides=overrides, policy=policy).run()
     except LaunchError as exc:
         raise _fail(str(exc))
     raise typer.Exit(code)

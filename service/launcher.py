@@ -5,8 +5,10 @@
 2. Redis: use the one at TUNESERVE_REDIS_URL if it answers; else start `redis-server` as a
    child; else say what to install and stop.
 3. First run: an API key for tenant "default", saved to $TUNESERVE_DATA_DIR/api_key (0600).
-4. Start one training worker and the API as child processes; if either dies, stop the
-   other; Ctrl-C / SIGTERM stop all children cleanly.
+4. Start one training worker and the API as child processes and supervise them: a child that
+   exits is restarted with backoff (RestartPolicy), `up` gives up (exit 1) after too many crashes
+   in a short window; Ctrl-C / SIGTERM stop all children cleanly; children die with `up` even
+   when it is SIGKILLed (PR_SET_PDEATHSIG).
 
 Children get the decisions through the environment (TUNESERVE_BASE_MODEL, ...), so the API
 and the worker read the same Settings as any other deployment.
@@ -19,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -103,7 +107,8 @@ def start_redis(url: str, log_path: Path) -> subprocess.Popen:
     log = log_path.open("ab")
     proc = subprocess.Popen([binary, "--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                              "--daemonize", "no"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # Ctrl-C must not stop it before the worker
+                            start_new_session=True,  # Ctrl-C must not stop it before the worker
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if redis_ping(url, timeout=0.5):
@@ -158,10 +163,53 @@ def ensure_default_key(settings: Settings) -> tuple[str, bool]:
 # ---------------------------------------------------------------------------------------
 # Supervisor
 # ---------------------------------------------------------------------------------------
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A Popen preexec_fn that makes the child receive `sig` when `up` dies, even by SIGKILL
+    (children run in their own sessions, so nothing else would reach them). Linux only: returns
+    None elsewhere, where `up` still stops its children on every exit it survives."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before fork: no dlopen in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+        if os.getppid() != parent:  # `up` died between fork and prctl: nobody would signal us
+            os.kill(os.getpid(), sig)
+    return preexec
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Crashes of one child: restart after `backoff_s`, doubling per crash still inside the last
+    `window_s` (capped); one crash more than `max_restarts` inside the window and `up` gives up."""
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def delay(self, recent: int) -> float:
+        return min(self.backoff_s * 2 ** (recent - 1), self.max_backoff_s)
+
+
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen
+    start: Callable[[], subprocess.Popen]
+    proc: subprocess.Popen | None = None
+    crashes: deque[float] = field(default_factory=deque)  # monotonic times inside the window
+    restart_at: float | None = None
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+    # Own session: a terminal Ctrl-C reaches only `up`, which stops children in order, and each
+    # child is one process group we can stop whole; die_with_parent covers `up` being killed.
+    return subprocess.Popen(argv, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
 
 
 @dataclass
@@ -169,6 +217,7 @@ class Launcher:
     console: Console = field(default_factory=Console)
     with_worker: bool = True
     overrides: dict[str, object] = field(default_factory=dict)  # --host / --port
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
     children: list[Child] = field(default_factory=list)
     _stopping: bool = False
 
@@ -197,21 +246,24 @@ class Launcher:
                 self.console.print(f"redis: using {settings.redis_url}")
             else:
                 self.console.print(f"redis: nothing answers at {settings.redis_url}; starting redis-server")
-                self.children.append(Child("redis", start_redis(settings.redis_url, logs / "redis.log")))
+                self._add("redis", lambda: start_redis(settings.redis_url, logs / "redis.log"))
 
             key, created = ensure_default_key(settings)
             self._announce_key(settings, key, created)
 
             if self.with_worker:
                 from service.cli import worker_argv
-                self._spawn("worker", worker_argv(settings.task_queue, 1), env)
-            self._spawn("api", [sys.executable, "-m", "service.cli", "api"], env)
+                argv = worker_argv(settings.task_queue, 1)
+                self._add("worker", lambda: spawn(argv, env))
+            self._add("api", lambda: spawn([sys.executable, "-m", "service.cli", "api"], env))
             base = f"http://{settings.host}:{settings.port}"
             model_line = (f"[bold red]model: SMOKE-TEST DEMO MODEL ({choice.model}), answers are gibberish[/]"
                           if choice.demo else f"model: {choice.model}")
+            p = self.policy
             self.console.print(Panel(
                 f"API + dashboard: [bold]{base}/[/]\nOpenAI base_url: {base}/v1\n{model_line}\n"
                 f"data: {settings.data_dir.absolute()}   logs: worker/api below, redis in {logs}\n"
+                f"a crashed child is restarted (at most {p.max_restarts} times in {p.window_s:g} s)\n"
                 "Ctrl-C stops everything.", title="tuneserve up", expand=False))
             return self._supervise()
         finally:
@@ -220,6 +272,10 @@ class Launcher:
                 signal.signal(s, handler)
 
     # -- output ----------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        # One line per event, never wrapped: operators and tests grep these.
+        self.console.print(message, soft_wrap=True, highlight=False)
+
     def _announce_model(self, choice: BaseModelChoice) -> None:
         if choice.demo:
             self.console.print(Panel(f"[bold]{DEMO_BANNER}[/]\nmodel: {choice.model}\n"
@@ -239,10 +295,16 @@ class Launcher:
                                  title="API key", expand=False))
 
     # -- processes -------------------------------------------------------------------------
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        # Own process group: a terminal Ctrl-C reaches only us, and we stop children in order.
-        proc = subprocess.Popen(argv, env=env, start_new_session=True)
-        self.children.append(Child(name, proc))
+    def _add(self, name: str, start: Callable[[], subprocess.Popen]) -> None:
+        child = Child(name, start)
+        self.children.append(child)
+        self._start(child)
+
+    def _start(self, child: Child) -> None:
+        again = child.proc is not None
+        child.restart_at = None
+        child.proc = child.start()
+        self._say(f"{'restarted' if again else 'started'} {child.name} (pid {child.proc.pid})")
 
     def _on_signal(self, signum, _frame) -> None:
         if not self._stopping:
@@ -250,26 +312,60 @@ class Launcher:
         self._stopping = True
 
     def _supervise(self) -> int:
+        """Until Ctrl-C / SIGTERM: restart whatever exits (it was not asked to), or give up."""
         while not self._stopping:
             for child in self.children:
+                now = time.monotonic()
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._start(child)
+                    continue
                 code = child.proc.poll()
-                if code is not None:
-                    self.console.print(f"[red]{child.name} exited with code {code}; stopping the rest[/]")
-                    return code or 1
+                if code is not None and not self._schedule_restart(child, code, now):
+                    return 1
             time.sleep(0.2)
         return 0
 
+    def _schedule_restart(self, child: Child, code: int, now: float) -> bool:
+        """Record the crash; False when it is one too many for the policy's window."""
+        p = self.policy
+        while child.crashes and now - child.crashes[0] > p.window_s:
+            child.crashes.popleft()
+        child.crashes.append(now)
+        n = len(child.crashes)
+        if n > p.max_restarts:
+            self._say(f"[bold red]{child.name} exited with code {code}: {n} crashes in {p.window_s:g} s, more "
+                      f"than the {p.max_restarts} restarts allowed; giving up, stopping tuneserve[/]")
+            return False
+        delay = p.delay(n)
+        self._say(f"[yellow]{child.name} exited with code {code}; restarting in {delay:.1f} s "
+                  f"(restart {n} of {p.max_restarts} in {p.window_s:g} s)[/]")
+        child.restart_at = now + delay
+        return True
+
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM API, worker, then Redis (reverse start order); SIGKILL what is still up after
-        `timeout`. Celery's warm shutdown waits for the running task; killing it is safe since
-        the task is acks_late (redelivered) and the job resumes from its last checkpoint."""
+        """SIGTERM API, worker, then Redis (reverse start order), each as a whole process group;
+        SIGKILL what is still up after `timeout`. Celery's warm shutdown waits for the running
+        task; killing it is safe since the task is acks_late (redelivered) and the job resumes
+        from its last checkpoint."""
         for child in reversed(self.children):
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+            proc = child.proc
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                _signal_group(proc, signal.SIGTERM)
                 try:
-                    child.proc.wait(timeout=timeout)
+                    proc.wait(timeout=timeout)
                 except subprocess.TimeoutExpired:
-                    self.console.print(f"{child.name} did not stop in {timeout:.0f}s; killing it")
-                    child.proc.kill()
-                    child.proc.wait()
+                    self._say(f"{child.name} did not stop in {timeout:.0f}s; killing it")
+                    proc.kill()
+                    proc.wait()
+            _signal_group(proc, signal.SIGKILL)  # anything it started and left behind
         self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the child leads its own session, so its pgid is its pid
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -97,6 +97,10 @@ class InferenceEngine:
         self.model_path: Path | None = None
         self.tokenizer = None
         self.chatglm3_replies = False  # replies open with ChatGLM3's metadata line
+        # Tokens (prompt + reply) one request may hold: TUNESERVE_MAX_SEQ_LEN, lowered to the base
+        # model's position limit at setup (past it GPT-2's position table indexes out of range,
+        # a device-side assert on CUDA that kills the process: admission makes it unreachable).
+        self.max_seq_len = settings.max_seq_len
         self._runner = None
         self._cache: AdapterCache | None = None
         self._stop_ids: frozenset[int] = frozenset()
@@ -202,16 +206,18 @@ class InferenceEngine:
         import torch
 
         from service.inference.runner import ModelRunner
+        from service.models import position_limit
 
         settings = self.settings
         self.device = self.device or str(next(model.parameters()).device)
+        self.max_seq_len = min(settings.max_seq_len, position_limit(model.config) or settings.max_seq_len)
         self.tokenizer = tokenizer
         self.model_path = Path(path)
         from service.models.chatglm3 import is_chatglm3_tokenizer
         self.chatglm3_replies = is_chatglm3_tokenizer(tokenizer)
         targets = self._lora_targets or default_targets
         runner = ModelRunner(
-            model, num_slots=settings.max_batch_size, max_seq_len=settings.max_seq_len,
+            model, num_slots=settings.max_batch_size, max_seq_len=self.max_seq_len,
             lora_targets=targets, lora_budget_bytes=settings.adapter_gpu_budget_bytes,
             device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
             torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
@@ -233,7 +239,7 @@ class InferenceEngine:
             pin_memory=runner.device.type == "cuda")
         log.info("inference engine: base %s on %s, %d slots x %d tokens, LoRA on %s "
                  "(%d rank columns = %d bytes)", self.base_model_name, self.device,
-                 settings.max_batch_size, settings.max_seq_len, sorted(served), runner.capacity,
+                 settings.max_batch_size, self.max_seq_len, sorted(served), runner.capacity,
                  runner.capacity * runner.bytes_per_column)
 
     async def _preload(self, ref: str) -> None:
@@ -331,13 +337,13 @@ class InferenceEngine:
             raise InvalidInput("messages must not be empty", param="messages")
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         ids = [int(i) for i in models.render_chat(self.tokenizer, messages, add_generation_prompt=True)]
-        if len(ids) >= self.settings.max_seq_len:
+        if len(ids) >= self.max_seq_len:
             raise InvalidInput(f"prompt is {len(ids)} tokens; this server accepts at most "
-                               f"{self.settings.max_seq_len - 1}", param="messages",
+                               f"{self.max_seq_len - 1}", param="messages",
                                code="context_length_exceeded")
         asked = req.params.max_tokens
-        if req.max_tokens_field and len(ids) + asked > self.settings.max_seq_len:
-            raise InvalidInput(f"this server's context is {self.settings.max_seq_len} tokens, but the prompt "
+        if req.max_tokens_field and len(ids) + asked > self.max_seq_len:
+            raise InvalidInput(f"this server's context is {self.max_seq_len} tokens, but the prompt "
                                f"is {len(ids)} tokens and {req.max_tokens_field} asks for {asked} more",
                                param=req.max_tokens_field, code="context_length_exceeded")
         return ids
@@ -417,33 +423,49 @@ class InferenceEngine:
             p = r.params
             runner.sampler.set_slot(r.slot, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
                                     penalty=p.repetition_penalty, seed=r.seed, prompt_ids=r.prompt_ids)
-        slots = [r.slot for r in batch]
-        hw = max((r.lease.entry.hw for r in batch if r.lease), default=0)
         try:
-            logits = runner.prefill(slots, [r.prompt_ids for r in batch], hw)
-            idx = self._slots_tensor(slots)
-            tokens = runner.sampler.sample(logits, idx, slots)
-            runner.sampler.after_step(idx, tokens, slots)
-            runner.tok_buf[idx] = tokens
-            runner.pos_buf[idx] = idx.new_tensor([len(r.prompt_ids) for r in batch])
-            token_list = tokens.tolist()
-            for r in batch:
-                r.n_launched = 1
+            token_list = self._prefill(batch)
         except Exception as exc:
-            log.exception("prefill failed")
+            if len(batch) == 1:
+                log.exception("prefill failed")
+                self._fail(batch[0], ServiceUnavailable(f"prefill failed: {exc}"))
+                return
+            # One request's failure must not end the others': find it by prefilling each alone.
+            log.exception("batched prefill failed; prefilling its %d requests one by one", len(batch))
+            alone, token_list = [], []
             for r in batch:
-                self._fail(r, ServiceUnavailable(f"prefill failed: {exc}"))
-            return
+                try:
+                    token_list += self._prefill([r])
+                    alone.append(r)
+                except Exception as exc1:
+                    log.exception("prefill failed")
+                    self._fail(r, ServiceUnavailable(f"prefill failed: {exc1}"))
+            batch = alone
         self.counters["prefill_batches"] += 1
         self.counters["prefill_tokens"] += sum(len(r.prompt_ids) for r in batch)
         for r, t in zip(batch, token_list):
             self._emit(r, t)
 
+    def _prefill(self, batch: list[_Request]) -> list[int]:
+        """Prompt KV for the batch's slots and each request's first token."""
+        runner = self._runner
+        slots = [r.slot for r in batch]
+        hw = max((r.lease.entry.hw for r in batch if r.lease), default=0)
+        logits = runner.prefill(slots, [r.prompt_ids for r in batch], hw)
+        idx = self._slots_tensor(slots)
+        tokens = runner.sampler.sample(logits, idx, slots)
+        runner.sampler.after_step(idx, tokens, slots)
+        runner.tok_buf[idx] = tokens
+        runner.pos_buf[idx] = idx.new_tensor([len(r.prompt_ids) for r in batch])
+        for r in batch:
+            r.n_launched = 1
+        return tokens.tolist()
+
     def _launch(self) -> "_Step | None":
         """Enqueue one decode step for every running request that still needs a token;
         returns without waiting for the GPU."""
         runner = self._runner
-        max_seq = self.settings.max_seq_len
+        max_seq = self.max_seq_len
         rows = [(s, r) for s, r in sorted(self._running.items())
                 if r.n_launched < r.params.max_tokens and len(r.prompt_ids) + r.n_launched - 1 < max_seq]
         if not rows:
@@ -518,7 +540,7 @@ class InferenceEngine:
             return
         self._post(r, (TOKEN, token))
         written_at = len(r.prompt_ids) + r.n_generated - 1  # where this token's KV would go
-        if r.n_generated >= r.params.max_tokens or written_at >= self.settings.max_seq_len:
+        if r.n_generated >= r.params.max_tokens or written_at >= self.max_seq_len:
             self._finish(r, "length")
 
     def _release(self, r: _Request) -> None:
@@ -572,7 +594,7 @@ class InferenceEngine:
             "base_model": self.base_model_name,
             "device": self.device,
             "slots": self.settings.max_batch_size,
-            "max_seq_len": self.settings.max_seq_len,
+            "max_seq_len": self.max_seq_len,
             "running": len(self._running),
             "queue_depth": self._pending,
             "max_queue": self.settings.max_queue,

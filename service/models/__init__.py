@@ -18,6 +18,7 @@ from service.models.loader import (
     load_model,
     load_tokenizer,
     model_family,
+    position_limit,
     resolve_base_model,
     source_hash,
 )
@@ -25,6 +26,6 @@ from service.models.loader import (
 __all__ = [
     "DEFAULT_LORA_TARGETS", "IGNORE_INDEX", "base_model_fingerprint", "SPECIAL_TOKENS", "build_demo_model",
     "convert_chatglm3", "default_lora_targets", "encode_text", "export_adapter_chatglm3", "load_model", "load_tokenizer",
-    "model_family", "render_chat", "resolve_base_model", "source_hash", "stop_token_ids",
+    "model_family", "position_limit", "render_chat", "resolve_base_model", "source_hash", "stop_token_ids",
     "tokenize_chat", "tokenize_plain",
 ]

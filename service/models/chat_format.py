@@ -4,7 +4,9 @@ For ChatGLM3 tokenizers everything is built the way the original `build_chat_inp
 `build_single_message` builds it: role token + encode(metadata + "\\n") + encode(content),
 each part encoded separately and never scanned for special tokens. (The tokenizer's
 chat_template renders the same ids for ordinary text, but a string template cannot stop a
-user from typing "<|assistant|>" into content; the per-part encoding can.)
+user from typing "<|assistant|>" into content; the per-part encoding can.) Other families
+use their own chat template the same way: template pieces may hold special tokens, message
+text never does (see _render_template).
 """
 from __future__ import annotations
 
@@ -89,14 +91,67 @@ def render_chat(tokenizer, messages: Sequence[Any], add_generation_prompt: bool 
         return ids
     msgs = _as_dicts(messages)
     if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt,
-                                            tokenize=True, return_dict=True)
-        return list(out["input_ids"])
-    # Base models without a template: a plain, documented transcript format.
+        return _render_template(tokenizer, msgs, add_generation_prompt)
+    # Base models without a template: a plain, documented transcript format, all of it text.
     text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs)
     if add_generation_prompt:
         text += "assistant:"
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    return list(tokenizer.encode(text, add_special_tokens=True, split_special_tokens=True))
+
+
+# Noncharacters (never in interchange text) that mark where the template put each content.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+
+
+def _render_template(tokenizer, msgs: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """The tokenizer's chat template, with message text encoded as plain text: the template's
+    own pieces may hold special tokens, what users typed never does (a typed "<|eot_id|>" is
+    the characters, not the control token). The template renders each content between two
+    markers, so where every content lies in the text is known. When no special token falls
+    inside a content, the ids are the template's own (whole text tokenized at once); else the
+    pieces are tokenized separately, template text with special tokens and contents with
+    encode_text, as the ChatGLM3 path builds its parts."""
+    marked = []
+    for m in msgs:
+        clean = {k: (v.replace(_OPEN, "").replace(_CLOSE, "") if isinstance(v, str) else v) for k, v in m.items()}
+        clean["content"] = f"{_OPEN}{clean['content']}{_CLOSE}"
+        marked.append(clean)
+    rendered = tokenizer.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+    head, *parts = rendered.split(_OPEN)
+    pieces: list[tuple[str, bool]] = [(head.replace(_CLOSE, ""), False)]  # (text, is message content)
+    for part in parts:
+        content, sep, rest = part.partition(_CLOSE)
+        if not sep:  # a template that cut a content apart: the lone piece is template text
+            content, rest = "", content
+        pieces += [(content, True), (rest.replace(_CLOSE, ""), False)]
+    pieces = [(t, c) for t, c in pieces if t]
+    whole = _whole_if_contents_plain(tokenizer, pieces)
+    if whole is not None:
+        return whole
+    ids: list[int] = []
+    for text, is_content in pieces:
+        ids += encode_text(tokenizer, text) if is_content else tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
+def _whole_if_contents_plain(tokenizer, pieces: list[tuple[str, bool]]) -> list[int] | None:
+    """Ids of the whole text if no special token lies inside a content piece (fast tokenizers,
+    which report offsets), else None."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    text = "".join(t for t, _ in pieces)
+    spans, at = [], 0
+    for t, is_content in pieces:
+        if is_content:
+            spans.append((at, at + len(t)))
+        at += len(t)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    special = set(tokenizer.all_special_ids) | {i for i, tok in tokenizer.added_tokens_decoder.items()
+                                                if getattr(tok, "special", False)}
+    for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if tid in special and any(start < e and s < end for s, e in spans):
+            return None
+    return list(enc["input_ids"])
 
 
 def tokenize_chat(tokenizer, messages: Sequence[Any], max_len: int) -> tuple[list[int], list[int]]:
@@ -160,6 +215,6 @@ def tokenize_plain(tokenizer, content: str, summary: str, max_source_length: int
         ids = prefix + q + a + [eos]
         labels = [IGNORE_INDEX] * (len(q) + 2) + a + [eos]
         return ids, labels
-    q = list(tokenizer.encode(content, add_special_tokens=True))[:max_source_length]
+    q = list(tokenizer.encode(content, add_special_tokens=True, split_special_tokens=True))[:max_source_length]
     a = encode_text(tokenizer, summary)[: max_target_length - 1] + ([eos] if eos is not None else [])
     return q + a, [IGNORE_INDEX] * len(q) + a

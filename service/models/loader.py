@@ -57,6 +57,20 @@ def _config_dict(path_or_config: Any) -> dict[str, Any]:
     return _hub_config(str(obj))
 
 
+# Config keys holding how many positions a model can address, by family: learned position
+# tables (GPT-2 `n_positions`) index out of range past it; rotary models were trained up to it.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length", "n_ctx")
+
+
+def position_limit(path_or_config: Any) -> int | None:
+    """The most tokens (prompt + reply) the base model can address, from its config; None
+    when the config names no limit. Serving and training cap their lengths at
+    min(TUNESERVE_MAX_SEQ_LEN / max_source_length + max_target_length, this)."""
+    cfg = _config_dict(path_or_config)
+    limits = [int(cfg[k]) for k in _POSITION_KEYS if isinstance(cfg.get(k), int) and cfg[k] > 0]
+    return min(limits) if limits else None
+
+
 def model_family(path_or_config: Any) -> str:
     """"chatglm3" for ChatGLM3 (raw or converted by us), else the config's model_type."""
     cfg = _config_dict(path_or_config)

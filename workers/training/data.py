@@ -53,13 +53,16 @@ def _split_single_turn(conv: Sequence[dict]) -> tuple[str, str] | None:
 
 
 def tokenize_conversations(tokenizer, conversations: Iterable[Sequence[dict]], spec: TrainingSpec,
-                           *, warn: Warn | None = None, what: str = "training") -> list[Example]:
+                           *, warn: Warn | None = None, what: str = "training",
+                           max_positions: int | None = None) -> list[Example]:
     """Tokenize every conversation for training; drop (with one warning) rows left with no
     label token after truncation; raise TrainingError(invalid_data) if nothing usable remains.
 
     chat:  service.models.tokenize_chat, cut at max_source_length + max_target_length tokens.
     plain: service.models.tokenize_plain (the lecture's `[gMASK] sop content summary eos`),
            only for single-turn user/assistant rows (AdvertiseGen-like).
+    Either way a row holds at most `max_positions` tokens (the base model's position limit,
+    service.models.position_limit) when that is below max_source_length + max_target_length.
     """
     from service.models import tokenize_chat, tokenize_plain
 
@@ -67,6 +70,8 @@ def tokenize_conversations(tokenizer, conversations: Iterable[Sequence[dict]], s
     dropped: list[int] = []
     n = 0
     max_len = spec.max_source_length + spec.max_target_length
+    if max_positions is not None:
+        max_len = min(max_len, max_positions)
     for i, conv in enumerate(conversations):
         n += 1
         try:
@@ -78,6 +83,7 @@ def tokenize_conversations(tokenizer, conversations: Iterable[Sequence[dict]], s
                         "(AdvertiseGen-like content/summary)", code="invalid_data", param="train_format")
                 ids, labels = tokenize_plain(tokenizer, pair[0], pair[1],
                                              spec.max_source_length, spec.max_target_length)
+                ids, labels = ids[:max_len], labels[:max_len]
             else:
                 ids, labels = tokenize_chat(tokenizer, conv, max_len)
         except InvalidInput as exc:

@@ -153,7 +153,7 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     from transformers import AutoConfig
 
     from service.models import base_model_fingerprint, load_tokenizer, model_family, resolve_base_model
-    from service.models import default_lora_targets
+    from service.models import default_lora_targets, position_limit
 
     spec = run.spec
     t_start = time.time()
@@ -178,13 +178,16 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
         raise TrainingError(f"base model {run.base_model_ref!r} cannot be loaded: {exc}",
                             code="model_not_found", param="model") from exc
     family = model_family(config)
+    max_positions = position_limit(config)
     targets = list(spec.lora_target_modules or default_lora_targets(family))
 
     warn = lambda msg, data: say(msg, level="warn", data=data)  # noqa: E731
     train_convs = _conversations(run.train_conversations) or []
-    examples = tokenize_conversations(tokenizer, train_convs, spec, warn=warn, what="training")
+    examples = tokenize_conversations(tokenizer, train_convs, spec, warn=warn, what="training",
+                                      max_positions=max_positions)
     val_convs = _conversations(run.validation_conversations)
-    val_examples = (tokenize_conversations(tokenizer, val_convs, spec, warn=warn, what="validation")
+    val_examples = (tokenize_conversations(tokenizer, val_convs, spec, warn=warn, what="validation",
+                                           max_positions=max_positions)
                     if val_convs else None)
     stats = length_stats(examples)
     n_steps = total_steps(len(examples), spec)
@@ -305,10 +308,13 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     if spec.eval_max_samples > 0:
         from workers.training.evaluate import before_after
         convs, split = (val_convs, "validation") if val_convs else (train_convs, "train")
+        new_tokens, prompt_cap = spec.eval_max_new_tokens, spec.max_source_length + spec.max_target_length
+        if max_positions is not None:  # prompt + reply within the model's positions
+            new_tokens = min(new_tokens, max_positions - 1)
+            prompt_cap = min(prompt_cap, max_positions - new_tokens)
         try:
             quality = before_after(model, tokenizer, convs, device=device, max_samples=spec.eval_max_samples,
-                                   max_new_tokens=spec.eval_max_new_tokens,
-                                   max_prompt_tokens=spec.max_source_length + spec.max_target_length,
+                                   max_new_tokens=new_tokens, max_prompt_tokens=prompt_cap,
                                    split=split, batch_size=8 if device.startswith("cuda") else 4,
                                    log=lambda m: say(m))
         except torch.OutOfMemoryError as exc:
