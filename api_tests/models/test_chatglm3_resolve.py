@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ def test_config_mapping_rope_ratio_and_refusals():
             cg.glm_config_dict(dict(cfg, **bad))
 
 
-def test_demo_model_through_resolve_and_trains_fast(tmp_path):
+def test_demo_model_through_resolve_and_trains(tmp_path):
     src = build_demo_model(tmp_path / "demo")
     cfg = json.loads((src / "config.json").read_text())
     assert cfg["model_type"] == "chatglm"
@@ -121,16 +120,16 @@ def test_demo_model_through_resolve_and_trains_fast(tmp_path):
                                       {"role": "assistant", "content": "宫廷风的甜美蕾丝设计。"}], 256)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batch = {"input_ids": torch.tensor([ids] * 4), "labels": torch.tensor([labels] * 4)}
-    losses, t0 = [], time.perf_counter()
+    # "Small enough for a CPU demo" by size, not by a wall-clock bound read off one machine.
+    assert sum(p.numel() for p in model.parameters()) < 5_000_000
+    losses = []
     for _ in range(3):
         loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    per_step = (time.perf_counter() - t0) / 3
     assert losses[-1] < losses[0]
-    assert per_step < 1.0, per_step
 
 
 def test_other_model_types_pass_through(tmp_path):
