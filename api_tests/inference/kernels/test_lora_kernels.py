@@ -61,7 +61,7 @@ def test_kernel_path_equals_pool_math(rows, tokens, fan_in, fan_out, hw, dtype):
         (x.double().abs() @ layer.lora_A[:hw].double().abs().T) @ layer.lora_B[:, :hw].double().abs().T
     ) + torch.finfo(dtype).tiny
     if dtype != torch.float32:  # the expand reads xa rounded to the operand dtype (tensor cores)
-        bound = bound + eps * ((xa.abs() @ layer.lora_B[:, :hw].double().abs().T))
+        bound = bound + eps * (xa.abs() @ layer.lora_B[:, :hw].double().abs().T)
     err = (kernel_out.double() - exact).abs()
     assert not torch.isnan(kernel_out).any()
     assert (err <= bound).all(), f"worst {(err / bound).max().item():.2f}x the rounding bound"

@@ -166,4 +166,4 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     return out.reshape(*lead, ops.n)
 
 
-__all__ = ["nf4_matmul", "operands", "available", "NF4Operands", "LaunchConfig", "MAX_KERNEL_ROWS"]
+__all__ = ["MAX_KERNEL_ROWS", "LaunchConfig", "NF4Operands", "available", "nf4_matmul", "operands"]

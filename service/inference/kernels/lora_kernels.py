@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from service.inference.kernels.nf4 import INTERPRETING, _EMULATE_RTNE, _round
+from service.inference.kernels.nf4 import _EMULATE_RTNE, INTERPRETING, _round
 
 
 @triton.jit
