@@ -108,12 +108,26 @@ def _start_reaper(sender=None, **_kw) -> None:
         app.tuneserve_reaper = thread  # type: ignore[attr-defined]
 
 
+@signals.worker_ready.connect
+def _start_webhooks(sender=None, **_kw) -> None:
+    # The webhook outbox's sender (workers/webhooks.py): one more daemon thread per worker.
+    app = getattr(sender, "app", None)
+    settings = getattr(app, "tuneserve_settings", None) or get_settings()
+    from workers.webhooks import WebhookThread
+
+    thread = WebhookThread(settings)
+    thread.start()
+    if app is not None:
+        app.tuneserve_webhooks = thread  # type: ignore[attr-defined]
+
+
 @signals.worker_shutdown.connect
 def _stop_reaper(sender=None, **_kw) -> None:
     app = getattr(sender, "app", None)
-    thread = getattr(app, "tuneserve_reaper", None)
-    if thread is not None:
-        thread.stop()
+    for name in ("tuneserve_reaper", "tuneserve_webhooks"):
+        thread = getattr(app, name, None)
+        if thread is not None:
+            thread.stop()
 
 
 # Module-level app for the `celery -A workers.celery_app worker` CLI (configuration, no model state).

@@ -21,7 +21,7 @@ from service.api.deps import AppState
 from service.api.errors import install_error_handlers
 from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
-from service.api.routes import adapters, chat, files, health, jobs, models
+from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
 from service.core.config import DEMO_MODEL_NAME, Settings, get_settings
 from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
@@ -77,6 +77,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     queue: JobQueue | None = None
     engine = None
     reaper = None
+    webhook_thread = None
     try:
         await to_thread.run_sync(_register_settings_keys, store, settings)
         registry = AdapterRegistry(settings.resolved_registry_dir)
@@ -107,6 +108,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             from workers.reaper import ReaperThread
             reaper = ReaperThread(make_celery(settings), settings)
             reaper.start()
+        if settings.webhook_dispatcher:
+            from workers.webhooks import WebhookThread  # httpx only; no torch
+            webhook_thread = WebhookThread(settings)
+            webhook_thread.start()
         app.state.tuneserve = state
         log.info("tuneserve API ready: base model %s, engine %s", primary,
                  "on" if engine else ("failed" if engine_error else "disabled"))
@@ -116,6 +121,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if reaper is not None:
             reaper.stop()
             await to_thread.run_sync(reaper.join, 10)
+        if webhook_thread is not None:
+            webhook_thread.stop()
+            await to_thread.run_sync(webhook_thread.join, 10)
         if engine is not None:
             try:
                 await engine.stop()
@@ -185,7 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tuneserve = None
     install_error_handlers(app)
-    for module in (files, jobs, chat, models, adapters, health):
+    for module in (files, jobs, chat, models, adapters, webhooks, health):
         app.include_router(module.router)
 
     # The dashboard: a static shell (no auth: it holds no data; it calls the API with a key).

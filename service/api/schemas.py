@@ -16,13 +16,18 @@ from service.core.domain import (
     AdapterManifest,
     DatasetFormat,
     DatasetSource,
+    DeliveryStatus,
     FileInfo,
     Job,
     JobError,
     JobEvent,
     JobProgress,
     TrainingSpec,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEventType,
 )
+from service.core.webhooks import secret_hint
 
 # The organisation every object reports (tenants are internal and never echoed back).
 ORGANIZATION_ID = "org-tuneserve"
@@ -296,6 +301,127 @@ class AdapterDeleted(BaseModel):
     object: Literal["adapter"] = "adapter"
     deleted: bool = True
     versions: list[int] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------
+# Webhook endpoints (the shapes of the `openai` SDK's client.webhooks)
+# ---------------------------------------------------------------------------------------
+class WebhookEndpointCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # str, not the enum: an unsupported type is refused naming it (serving_webhooks), not by pydantic.
+    event_types: list[str] = Field(min_length=1, max_length=32)
+    name: str = Field(min_length=1, max_length=256)
+    url: str = Field(min_length=1, max_length=4096)
+
+
+class WebhookEndpointUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_types: list[str] | None = Field(default=None, min_length=1, max_length=32)
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+    url: str | None = Field(default=None, min_length=1, max_length=4096)
+
+
+class WebhookRotateSecret(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keep_old_secret_active_for_24_hours: bool = False
+
+
+class WebhookTestCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: str = Field(max_length=128)
+
+
+class WebhookEndpointPublic(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    created_at: int
+    event_types: list[WebhookEventType]
+    name: str
+    signing_secret_hint: str | None = None
+    url: str
+    updated_at: int | None = None
+
+    @classmethod
+    def fields_from(cls, e: WebhookEndpoint) -> dict[str, Any]:
+        return dict(id=e.id, created_at=unix(e.created_at), event_types=e.event_types, name=e.name,
+                    signing_secret_hint=secret_hint(e.secret), url=e.url, updated_at=unix(e.updated_at))
+
+    @classmethod
+    def from_domain(cls, e: WebhookEndpoint) -> "WebhookEndpointPublic":
+        return cls(**cls.fields_from(e))
+
+
+class WebhookEndpointWithSecret(WebhookEndpointPublic):
+    """Create and rotate only: the one time the whole secret is shown."""
+    signing_secret: str
+
+    @classmethod
+    def from_domain(cls, e: WebhookEndpoint) -> "WebhookEndpointWithSecret":
+        return cls(**cls.fields_from(e), signing_secret=e.secret)
+
+
+class WebhookEndpointList(ListResponse):
+    data: list[WebhookEndpointPublic]
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class WebhookEndpointDeleted(BaseModel):
+    id: str
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    deleted: bool = True
+
+
+class WebhookTestResult(BaseModel):
+    event_type: WebhookEventType
+    object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
+    status_code: int
+    success: Literal[True] = True  # the request completed; status_code says how the endpoint answered
+    webhook_endpoint_id: str
+    # ours
+    delivery_id: str
+
+
+class WebhookEventTypeList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WebhookEventType]
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """Ours: one entry of an endpoint's delivery log. `id` is the `webhook-id` header."""
+    id: str
+    object: Literal["webhook_endpoint.delivery"] = "webhook_endpoint.delivery"
+    webhook_endpoint_id: str
+    event_id: str
+    event_type: WebhookEventType
+    status: DeliveryStatus
+    attempts: int
+    created_at: int
+    last_attempt_at: int | None = None
+    next_attempt_at: int | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    delivered_at: int | None = None
+    test: bool = False
+
+    @classmethod
+    def from_domain(cls, d: WebhookDelivery) -> "WebhookDeliveryPublic":
+        return cls(id=d.id, webhook_endpoint_id=d.endpoint_id, event_id=d.event_id, event_type=d.event_type,
+                   status=d.status, attempts=d.attempts, created_at=unix(d.created_at),
+                   last_attempt_at=unix(d.last_attempt_at),
+                   next_attempt_at=unix(d.next_attempt_at) if d.status is DeliveryStatus.pending else None,
+                   last_status_code=d.last_status_code, last_error=d.last_error,
+                   delivered_at=unix(d.delivered_at), test=d.test)
+
+
+class WebhookDeliveryList(ListResponse):
+    data: list[WebhookDeliveryPublic]
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------

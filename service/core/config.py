@@ -84,6 +84,17 @@ class Settings(BaseSettings):
     api_reaper: bool = True
     requeue_grace_s: float = 60.0  # a queued job missing from the broker this long is re-sent
 
+    # Webhooks (/v1/webhook_endpoints). Deliveries leave from the store's outbox, sent by a thread
+    # in every worker and (webhook_dispatcher) in the API; several senders at once are safe.
+    webhook_dispatcher: bool = True
+    webhook_interval_s: float = Field(default=2.0, gt=0)  # how often the outbox is swept
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)  # per attempt; redirects are not followed
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    webhook_backoff_base_s: float = Field(default=5.0, gt=0)  # retry k waits base * 2**(k-1) ...
+    webhook_backoff_max_s: float = Field(default=3600.0, gt=0)  # ... at most this
+    # With env=prod, loopback/private/link-local targets are refused unless this is set.
+    webhook_allow_private_urls: bool = False
+
     @field_validator("trust_remote_code_models", "preload_adapters", "dataset_roots", mode="before")
     @classmethod
     def _split_csv(cls, value):
@@ -100,6 +111,10 @@ class Settings(BaseSettings):
                 "(or bind 127.0.0.1)"
             )
         return self
+
+    @property
+    def webhook_private_urls_allowed(self) -> bool:
+        return self.env != "prod" or self.webhook_allow_private_urls
 
     # Derived paths -----------------------------------------------------------------
     @property

@@ -309,6 +309,70 @@ class ApiKeyInfo(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------
+# Webhooks (OpenAI's /v1/webhook_endpoints; deliveries signed per Standard Webhooks)
+# ---------------------------------------------------------------------------------------
+class WebhookEventType(str, enum.Enum):
+    """The event types this service sends (OpenAI's names)."""
+    fine_tuning_job_succeeded = "fine_tuning.job.succeeded"
+    fine_tuning_job_failed = "fine_tuning.job.failed"
+    fine_tuning_job_cancelled = "fine_tuning.job.cancelled"
+
+
+# The job transitions that emit an event: exactly the final states.
+JOB_WEBHOOK_EVENTS: dict[JobStatus, WebhookEventType] = {
+    JobStatus.succeeded: WebhookEventType.fine_tuning_job_succeeded,
+    JobStatus.failed: WebhookEventType.fine_tuning_job_failed,
+    JobStatus.cancelled: WebhookEventType.fine_tuning_job_cancelled,
+}
+
+
+class WebhookEndpoint(BaseModel):
+    id: str  # "whep-…"
+    tenant: str
+    name: str
+    url: str
+    event_types: list[WebhookEventType]
+    secret: str  # "whsec_<base64>"; kept to sign (unlike API keys it cannot be hashed)
+    # After a rotation with keep_old_secret_active_for_24_hours: deliveries carry both signatures.
+    previous_secret: str | None = None
+    previous_secret_expires_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets a delivery sent at `now` is signed with, newest first."""
+        out = [self.secret]
+        if self.previous_secret and self.previous_secret_expires_at and now < self.previous_secret_expires_at:
+            out.append(self.previous_secret)
+        return out
+
+
+class DeliveryStatus(str, enum.Enum):
+    pending = "pending"      # due at next_attempt_at (also while one sender holds it)
+    succeeded = "succeeded"  # the endpoint answered 2xx
+    failed = "failed"        # gave up after webhook_max_attempts
+
+
+class WebhookDelivery(BaseModel):
+    """One event for one endpoint. Its id is the `webhook-id` header: the same on every retry."""
+    id: str  # "msg_…"
+    endpoint_id: str
+    tenant: str
+    event_id: str  # "evt_…", the body's id
+    event_type: WebhookEventType
+    payload: str  # the exact body sent (and signed), fixed when the event happened
+    status: DeliveryStatus = DeliveryStatus.pending
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    last_attempt_at: datetime | None = None
+    last_status_code: int | None = None
+    last_error: str | None = None
+    created_at: datetime
+    delivered_at: datetime | None = None
+    test: bool = False  # sent once by POST .../test, never retried
+
+
+# ---------------------------------------------------------------------------------------
 # Generation (what the engine is asked and answers)
 # ---------------------------------------------------------------------------------------
 class ChatMessage(BaseModel):

@@ -7,6 +7,7 @@ FILE_PREFIX = "file"
 JOB_PREFIX = "ftjob"
 EVENT_PREFIX = "ftevent"
 API_KEY_PREFIX = "key"
+WEBHOOK_ENDPOINT_PREFIX = "whep"
 
 
 def new_id(prefix: str) -> str:

@@ -26,10 +26,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.pool import StaticPool
 
 from service.core import ids
+from service.core import webhooks as wh
 from service.core.domain import (
+    JOB_WEBHOOK_EVENTS,
     ApiKeyInfo,
     DatasetFormat,
     DatasetSource,
+    DeliveryStatus,
     FileInfo,
     Job,
     JobError,
@@ -37,6 +40,9 @@ from service.core.domain import (
     JobProgress,
     JobStatus,
     TrainingSpec,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEventType,
     can_transition,
 )
 from service.core.errors import Conflict, InvalidInput, NotFound
@@ -145,6 +151,49 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None]
 
 
+class WebhookEndpointRow(Base):
+    __tablename__ = "ts_webhook_endpoints"
+    seq: Mapped[int] = mapped_column(_SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(256))
+    url: Mapped[str] = mapped_column(sa.String(2048))
+    event_types: Mapped[list[str]] = mapped_column(sa.JSON)
+    secret: Mapped[str] = mapped_column(sa.String(128))
+    previous_secret: Mapped[str | None] = mapped_column(sa.String(128))
+    previous_secret_expires_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (sa.Index("ix_ts_webhook_endpoints_tenant_seq", "tenant", "seq"),)
+
+
+class WebhookDeliveryRow(Base):
+    """The outbox: one row per (event, endpoint), written in the transaction of the job's final
+    transition; its id is the stable `webhook-id`."""
+    __tablename__ = "ts_webhook_deliveries"
+    seq: Mapped[int] = mapped_column(_SeqType, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    endpoint_id: Mapped[str] = mapped_column(
+        sa.String(64), sa.ForeignKey("ts_webhook_endpoints.id", ondelete="CASCADE"))
+    tenant: Mapped[str] = mapped_column(sa.String(64))
+    event_id: Mapped[str] = mapped_column(sa.String(64))
+    event_type: Mapped[str] = mapped_column(sa.String(64))
+    payload: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    test: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+
+    __table_args__ = (sa.Index("ix_ts_webhook_deliveries_due", "status", "next_attempt_at"),
+                      sa.Index("ix_ts_webhook_deliveries_endpoint_seq", "endpoint_id", "seq"))
+
+
 # ---------------------------------------------------------------------------------------
 # Row -> record
 # ---------------------------------------------------------------------------------------
@@ -194,6 +243,23 @@ def _event(row: EventRow) -> JobEvent:
 def _api_key(row: ApiKeyRow) -> ApiKeyInfo:
     return ApiKeyInfo(id=row.id, tenant=row.tenant, name=row.name, prefix=row.prefix,
                       created_at=row.created_at, revoked_at=row.revoked_at)
+
+
+def _webhook_endpoint(row: WebhookEndpointRow) -> WebhookEndpoint:
+    return WebhookEndpoint(id=row.id, tenant=row.tenant, name=row.name, url=row.url,
+                           event_types=[WebhookEventType(t) for t in row.event_types], secret=row.secret,
+                           previous_secret=row.previous_secret,
+                           previous_secret_expires_at=row.previous_secret_expires_at,
+                           created_at=row.created_at, updated_at=row.updated_at)
+
+
+def _webhook_delivery(row: WebhookDeliveryRow) -> WebhookDelivery:
+    return WebhookDelivery(id=row.id, endpoint_id=row.endpoint_id, tenant=row.tenant, event_id=row.event_id,
+                           event_type=WebhookEventType(row.event_type), payload=row.payload,
+                           status=DeliveryStatus(row.status), attempts=row.attempts or 0,
+                           next_attempt_at=row.next_attempt_at, last_attempt_at=row.last_attempt_at,
+                           last_status_code=row.last_status_code, last_error=row.last_error,
+                           created_at=row.created_at, delivered_at=row.delivered_at, test=bool(row.test))
 
 
 def hash_key(key: str) -> str:
@@ -432,6 +498,7 @@ class Store:
                 res = s.execute(sa.update(JobRow).where(JobRow.id == job_id, JobRow.status == old.value)
                                 .values(**values).execution_options(synchronize_session=False))
                 if res.rowcount == 1:
+                    self._outbox_job_event(s, row.tenant, job_id, new, now)
                     s.flush()
                     s.expire(row)
                     return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
@@ -499,12 +566,15 @@ class Store:
             if status.is_final:
                 raise Conflict(f"job {job_id} is already {status.value}", param="job_id")
             values: dict[str, Any] = {"cancel_requested": True}
+            now = utcnow()
             if status is not JobStatus.running:
-                values.update(status=JobStatus.cancelled.value, finished_at=utcnow())
+                values.update(status=JobStatus.cancelled.value, finished_at=now)
             res = s.execute(sa.update(JobRow).where(JobRow.id == job_id, JobRow.status == status.value)
                             .values(**values))
             if res.rowcount != 1:  # pragma: no cover - the row lock makes this unreachable
                 raise Conflict(f"job {job_id}: status changed concurrently", param="job_id")
+            if status is not JobStatus.running:
+                self._outbox_job_event(s, row.tenant, job_id, JobStatus.cancelled, now)
             s.flush()
             s.expire(row)
             return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
@@ -604,3 +674,176 @@ class Store:
                 row.revoked_at = utcnow()
                 s.flush()
             return _api_key(row)
+
+    # =====================================================================================
+    # Webhook endpoints and their outbox
+    # =====================================================================================
+    @staticmethod
+    def _outbox_job_event(s: Session, tenant: str, job_id: str, status: JobStatus, now: datetime) -> None:
+        """Inside the transition's own transaction: one delivery row per endpoint of the tenant
+        subscribed to the event, so the event exists exactly when the transition committed."""
+        event_type = JOB_WEBHOOK_EVENTS.get(status)
+        if event_type is None:
+            return
+        endpoints = s.execute(sa.select(WebhookEndpointRow.id, WebhookEndpointRow.event_types)
+                              .where(WebhookEndpointRow.tenant == tenant)).all()
+        targets = [ep_id for ep_id, types in endpoints if event_type.value in (types or [])]
+        if not targets:
+            return
+        evt = wh.event_id()
+        body = wh.event_body(evt, event_type, int(now.timestamp()), job_id)
+        for ep_id in targets:
+            s.add(WebhookDeliveryRow(id=wh.delivery_id(), endpoint_id=ep_id, tenant=tenant, event_id=evt,
+                                     event_type=event_type.value, payload=body,
+                                     status=DeliveryStatus.pending.value, attempts=0, next_attempt_at=now,
+                                     created_at=now, test=False))
+
+    def _endpoint_row(self, s: Session, endpoint_id: str, tenant: str, *, lock: bool = False) -> WebhookEndpointRow:
+        q = sa.select(WebhookEndpointRow).where(WebhookEndpointRow.id == endpoint_id)
+        row = s.execute(q.with_for_update() if lock else q).scalar_one_or_none()
+        if row is None or row.tenant != tenant:  # another tenant's endpoint does not exist for you
+            raise NotFound(f"webhook endpoint {endpoint_id!r} not found", param="webhook_endpoint_id")
+        return row
+
+    def create_webhook_endpoint(self, *, tenant: str, name: str, url: str,
+                                event_types: list[WebhookEventType]) -> WebhookEndpoint:
+        now = utcnow()
+        row = WebhookEndpointRow(id=ids.new_id(ids.WEBHOOK_ENDPOINT_PREFIX), tenant=tenant, name=name, url=url,
+                                 event_types=[WebhookEventType(t).value for t in event_types],
+                                 secret=wh.new_secret(), previous_secret=None, previous_secret_expires_at=None,
+                                 created_at=now, updated_at=now)
+        with self._write() as s:
+            s.add(row)
+            s.flush()
+            return _webhook_endpoint(row)
+
+    def get_webhook_endpoint(self, endpoint_id: str, tenant: str) -> WebhookEndpoint:
+        with self._read() as s:
+            return _webhook_endpoint(self._endpoint_row(s, endpoint_id, tenant))
+
+    def list_webhook_endpoints(self, tenant: str, *, after: str | None = None,
+                               limit: int = 20) -> tuple[list[WebhookEndpoint], bool]:
+        """Newest first (as OpenAI lists them)."""
+        with self._read() as s:
+            rows, has_more = _newest_first_page(s, WebhookEndpointRow, WebhookEndpointRow.tenant == tenant,
+                                                after, limit, what="webhook endpoint")
+            return [_webhook_endpoint(r) for r in rows], has_more
+
+    def update_webhook_endpoint(self, endpoint_id: str, tenant: str, *, name: str | None = None,
+                                url: str | None = None,
+                                event_types: list[WebhookEventType] | None = None) -> WebhookEndpoint:
+        """Only given fields change; updated_at moves only when something did."""
+        with self._write() as s:
+            row = self._endpoint_row(s, endpoint_id, tenant, lock=True)
+            changes: dict[str, Any] = {}
+            if name is not None and name != row.name:
+                changes["name"] = name
+            if url is not None and url != row.url:
+                changes["url"] = url
+            if event_types is not None:
+                types = [WebhookEventType(t).value for t in event_types]
+                if types != list(row.event_types or []):
+                    changes["event_types"] = types
+            if changes:
+                for k, v in changes.items():
+                    setattr(row, k, v)
+                row.updated_at = utcnow()
+                s.flush()
+            return _webhook_endpoint(row)
+
+    def rotate_webhook_secret(self, endpoint_id: str, tenant: str, *, keep_old_for: timedelta | None = None
+                              ) -> WebhookEndpoint:
+        """A new secret signs every delivery from now on; the old one also signs for `keep_old_for`."""
+        with self._write() as s:
+            row = self._endpoint_row(s, endpoint_id, tenant, lock=True)
+            now = utcnow()
+            if keep_old_for:
+                row.previous_secret, row.previous_secret_expires_at = row.secret, now + keep_old_for
+            else:
+                row.previous_secret, row.previous_secret_expires_at = None, None
+            row.secret = wh.new_secret()
+            row.updated_at = now
+            s.flush()
+            return _webhook_endpoint(row)
+
+    def delete_webhook_endpoint(self, endpoint_id: str, tenant: str) -> WebhookEndpoint:
+        """The endpoint and its outbox rows go together: nothing is sent to it afterwards."""
+        with self._write() as s:
+            row = self._endpoint_row(s, endpoint_id, tenant, lock=True)
+            info = _webhook_endpoint(row)
+            s.execute(sa.delete(WebhookDeliveryRow).where(WebhookDeliveryRow.endpoint_id == endpoint_id))
+            s.delete(row)
+            return info
+
+    def record_test_delivery(self, endpoint: WebhookEndpoint, *, msg_id: str, event_id: str,
+                             event_type: WebhookEventType, payload: str, status_code: int | None,
+                             error: str | None) -> WebhookDelivery:
+        """The log entry of a one-off test send (already attempted; never retried)."""
+        now = utcnow()
+        ok = status_code is not None and 200 <= status_code < 300
+        with self._write() as s:
+            self._endpoint_row(s, endpoint.id, endpoint.tenant)
+            row = WebhookDeliveryRow(
+                id=msg_id, endpoint_id=endpoint.id, tenant=endpoint.tenant, event_id=event_id,
+                event_type=WebhookEventType(event_type).value, payload=payload,
+                status=(DeliveryStatus.succeeded if ok else DeliveryStatus.failed).value, attempts=1,
+                next_attempt_at=None, last_attempt_at=now, last_status_code=status_code, last_error=error,
+                created_at=now, delivered_at=now if ok else None, test=True)
+            s.add(row)
+            s.flush()
+            return _webhook_delivery(row)
+
+    def claim_due_deliveries(self, now: datetime, *, limit: int, lease: timedelta
+                             ) -> list[tuple[WebhookDelivery, WebhookEndpoint]]:
+        """Take up to `limit` pending deliveries due at `now` for one send each: attempts += 1 and
+        next_attempt_at = now + lease, in one transaction, so concurrent senders never take the
+        same row and a sender that dies mid-send leaves it due again after the lease."""
+        q = (sa.select(WebhookDeliveryRow)
+             .where(WebhookDeliveryRow.status == DeliveryStatus.pending.value,
+                    WebhookDeliveryRow.next_attempt_at <= now)
+             .order_by(WebhookDeliveryRow.next_attempt_at, WebhookDeliveryRow.seq)
+             .limit(max(1, int(limit))))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        out: list[tuple[WebhookDelivery, WebhookEndpoint]] = []
+        with self._write() as s:
+            rows = list(s.execute(q).scalars())
+            endpoints = {r.id: r for r in s.execute(sa.select(WebhookEndpointRow).where(
+                WebhookEndpointRow.id.in_({row.endpoint_id for row in rows}))).scalars()} if rows else {}
+            for row in rows:
+                row.attempts = (row.attempts or 0) + 1
+                row.last_attempt_at = now
+                row.next_attempt_at = now + lease
+                out.append((_webhook_delivery(row), _webhook_endpoint(endpoints[row.endpoint_id])))
+            s.flush()
+        return out
+
+    def finish_delivery_attempt(self, delivery_id: str, *, status_code: int | None, error: str | None,
+                                now: datetime, retry_at: datetime | None) -> WebhookDelivery | None:
+        """Record one attempt's outcome: 2xx -> succeeded; else pending again at `retry_at`, or
+        failed when `retry_at` is None. None when the row is gone (its endpoint was deleted)."""
+        ok = status_code is not None and 200 <= status_code < 300
+        with self._write() as s:
+            row = s.execute(sa.select(WebhookDeliveryRow).where(WebhookDeliveryRow.id == delivery_id)
+                            .with_for_update()).scalar_one_or_none()
+            if row is None:
+                return None
+            row.last_status_code, row.last_error = status_code, error
+            if ok:
+                row.status, row.delivered_at, row.next_attempt_at = DeliveryStatus.succeeded.value, now, None
+            elif retry_at is None:
+                row.status, row.next_attempt_at = DeliveryStatus.failed.value, None
+            else:
+                row.next_attempt_at = retry_at
+            s.flush()
+            return _webhook_delivery(row)
+
+    def list_webhook_deliveries(self, endpoint_id: str, tenant: str, *, after: str | None = None,
+                                limit: int = 20) -> tuple[list[WebhookDelivery], bool]:
+        """Newest first."""
+        with self._read() as s:
+            self._endpoint_row(s, endpoint_id, tenant)
+            rows, has_more = _newest_first_page(s, WebhookDeliveryRow,
+                                                WebhookDeliveryRow.endpoint_id == endpoint_id, after, limit,
+                                                what="delivery of this webhook endpoint")
+            return [_webhook_delivery(r) for r in rows], has_more
