@@ -16,10 +16,10 @@ from openai import OpenAI
 
 from service.api.app import create_app
 from service.core.domain import JobStatus, TrainingSpec
+from webhook_receiver import Receiver
 from workers.webhooks import WebhookDispatcher, backoff_s
 
 from .conftest import AUTH_A, AUTH_B, KEY_A, KEY_B, assert_error
-from .webhook_receiver import Receiver
 
 SUCCEEDED = "fine_tuning.job.succeeded"
 ALL_JOB_EVENTS = [SUCCEEDED, "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
