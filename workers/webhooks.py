@@ -76,7 +76,7 @@ class WebhookSender:
             response = self._client.post(endpoint.url, content=payload.encode("utf-8"), headers=headers)
         except httpx.TimeoutException:
             return SendResult(None, f"timed out after {self.settings.webhook_timeout_s:g} s")
-        except Exception as exc:  # noqa: BLE001 - any failure (HTTP, invalid URL/IDNA, OS) is this attempt's, not the sweep's
+        except Exception as exc:
             return SendResult(None, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
         if 200 <= response.status_code < 300:
             return SendResult(response.status_code)

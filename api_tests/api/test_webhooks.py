@@ -13,10 +13,10 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from openai import OpenAI
+from webhook_receiver import Receiver
 
 from service.api.app import create_app
 from service.core.domain import JobStatus, TrainingSpec
-from webhook_receiver import Receiver
 from workers.webhooks import WebhookDispatcher, backoff_s
 
 from .conftest import AUTH_A, AUTH_B, KEY_A, KEY_B, assert_error

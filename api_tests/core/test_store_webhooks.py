@@ -10,7 +10,12 @@ from datetime import timedelta
 import pytest
 
 from service.core import webhooks as wh
-from service.core.domain import DeliveryStatus, JobStatus, TrainingSpec, WebhookEventType
+from service.core.domain import (
+    DeliveryStatus,
+    JobStatus,
+    TrainingSpec,
+    WebhookEventType,
+)
 from service.core.errors import Conflict, NotFound
 from service.core.store import utcnow
 

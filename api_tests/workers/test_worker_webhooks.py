@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from openai import OpenAI
-
-from service.core.domain import TrainingSpec, WebhookEventType
 from webhook_receiver import Receiver
 from worker_harness import TENANT, dump_worker_logs, wait_for
+
+from service.core.domain import TrainingSpec, WebhookEventType
 
 pytestmark = [pytest.mark.e2e]
 

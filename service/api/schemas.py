@@ -347,8 +347,8 @@ class WebhookEndpointPublic(BaseModel):
 
     @classmethod
     def fields_from(cls, e: WebhookEndpoint) -> dict[str, Any]:
-        return dict(id=e.id, created_at=unix(e.created_at), event_types=e.event_types, name=e.name,
-                    signing_secret_hint=secret_hint(e.secret), url=e.url, updated_at=unix(e.updated_at))
+        return {"id": e.id, "created_at": unix(e.created_at), "event_types": e.event_types, "name": e.name,
+                "signing_secret_hint": secret_hint(e.secret), "url": e.url, "updated_at": unix(e.updated_at)}
 
     @classmethod
     def from_domain(cls, e: WebhookEndpoint) -> "WebhookEndpointPublic":
