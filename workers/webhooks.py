@@ -76,7 +76,7 @@ class WebhookSender:
             response = self._client.post(endpoint.url, content=payload.encode("utf-8"), headers=headers)
         except httpx.TimeoutException:
             return SendResult(None, f"timed out after {self.settings.webhook_timeout_s:g} s")
-        except Exception as exc:
+        except Exception as exc:  # any failure (HTTP, invalid URL or IDNA, OS) ends this attempt, not the sweep
             return SendResult(None, f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS])
         if 200 <= response.status_code < 300:
             return SendResult(response.status_code)

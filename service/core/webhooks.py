@@ -86,7 +86,7 @@ def check_url_shape(url: str, *, param: str = "url") -> str:
         raise InvalidInput(f"{param} is longer than {MAX_URL_LENGTH} characters", param=param)
     try:
         parts = urlsplit(url)
-        parts.port
+        _ = parts.port  # raises on a malformed port
     except ValueError as exc:
         raise InvalidInput(f"{param} is not a valid URL: {exc}", param=param) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
