@@ -143,6 +143,9 @@ def test_bad_input_names_the_field(wh_client):
     r = wh_client.post("/v1/webhook_endpoints", headers=AUTH_A, json={"event_types": [], "name": "x",
                                                                       "url": "http://h.test/"})
     assert_error(r, 400, param="event_types")
+    r = wh_client.post("/v1/webhook_endpoints", headers=AUTH_A, json={"event_types": [SUCCEEDED], "name": "a\x00b",
+                                                                      "url": "http://h.test/"})
+    assert_error(r, 400, param="name")
     ep = wh_client.post("/v1/webhook_endpoints", headers=AUTH_A,
                         json={"event_types": [SUCCEEDED], "name": "x", "url": "http://h.test/"}).json()
     assert_error(wh_client.post(f"/v1/webhook_endpoints/{ep['id']}", headers=AUTH_A, json={"url": "nope"}),

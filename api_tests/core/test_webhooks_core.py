@@ -82,7 +82,7 @@ def test_public_targets_pass_and_bad_shapes_are_refused():
     with pytest.raises(InvalidInput, match="does not resolve"):
         wh.check_target_url("https://nowhere.example/", allow_private=False, resolve=resolve)
     for bad in ("ftp://hooks.example/", "hooks.example/h", "http:///path", "https://u:p@hooks.example/",
-                "http://hooks.example:99999/", "https://h.example/" + "a" * 3000):
+                "http://hooks.example:99999/", "http://hooks.example/a b", "http://hooks.example/\x00", "https://h.example/" + "a" * 3000):
         with pytest.raises(InvalidInput) as e:
             wh.check_target_url(bad, allow_private=True, resolve=resolve)
         assert e.value.param == "url"

@@ -306,12 +306,15 @@ class AdapterDeleted(BaseModel):
 # ---------------------------------------------------------------------------------------
 # Webhook endpoints (the shapes of the `openai` SDK's client.webhooks)
 # ---------------------------------------------------------------------------------------
+_PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # no control characters (PostgreSQL refuses NUL in text)
+
+
 class WebhookEndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # str, not the enum: an unsupported type is refused naming it (serving_webhooks), not by pydantic.
     event_types: list[str] = Field(min_length=1, max_length=32)
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE)
     url: str = Field(min_length=1, max_length=4096)
 
 
@@ -319,7 +322,7 @@ class WebhookEndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     event_types: list[str] | None = Field(default=None, min_length=1, max_length=32)
-    name: str | None = Field(default=None, min_length=1, max_length=256)
+    name: str | None = Field(default=None, min_length=1, max_length=256, pattern=_PRINTABLE)
     url: str | None = Field(default=None, min_length=1, max_length=4096)
 
 

@@ -84,6 +84,8 @@ def check_url_shape(url: str, *, param: str = "url") -> str:
     """http(s), a host, no credentials. Returns the host."""
     if len(url) > MAX_URL_LENGTH:
         raise InvalidInput(f"{param} is longer than {MAX_URL_LENGTH} characters", param=param)
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise InvalidInput(f"{param} must not contain spaces or control characters", param=param)
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises on a malformed port
