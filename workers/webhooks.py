@@ -101,7 +101,8 @@ class DispatchReport:
 class WebhookDispatcher:
     """`clock` gives the scheduling time (tests pass their own: no sleeping through backoffs)."""
 
-    BATCH = 50
+    CHUNK = 5       # claimed together; the lease covers sending all of them one after another
+    PER_SWEEP = 50  # at most this many sends per sweep, so one sweep stays bounded
 
     def __init__(self, store, settings: Settings, sender: WebhookSender | None = None, *,
                  clock: Callable[[], datetime] = _utcnow):
@@ -115,9 +116,18 @@ class WebhookDispatcher:
 
     def run_once(self) -> DispatchReport:
         report = DispatchReport()
-        lease = timedelta(seconds=self.settings.webhook_timeout_s + 30.0)
-        for delivery, endpoint in self.store.claim_due_deliveries(self.clock(), limit=self.BATCH, lease=lease):
-            self._deliver(delivery, endpoint, report)
+        # Long enough that no other sender re-takes a claimed row while this one still works on
+        # its chunk (each send is bounded by the timeout); short enough that a sender that died
+        # delays the retry by about a minute only.
+        lease = timedelta(seconds=self.CHUNK * self.settings.webhook_timeout_s + 30.0)
+        sent = 0
+        while sent < self.PER_SWEEP:
+            chunk = self.store.claim_due_deliveries(self.clock(), limit=self.CHUNK, lease=lease)
+            for delivery, endpoint in chunk:
+                self._deliver(delivery, endpoint, report)
+            sent += len(chunk)
+            if len(chunk) < self.CHUNK:
+                break
         return report
 
     def _deliver(self, delivery: WebhookDelivery, endpoint: WebhookEndpoint, report: DispatchReport) -> None:

@@ -322,3 +322,16 @@ def test_prod_sender_rechecks_the_target(make_settings):
             assert len(WebhookDispatcher(_store(c), prod).run_once().retrying) == 1
             (log,) = c.get(f"/v1/webhook_endpoints/{ep.id}/deliveries", headers=AUTH_A).json()["data"]
         assert rx.received() == [] and "refused in production" in log["last_error"]
+
+
+def test_one_sweep_sends_every_due_delivery_in_chunks(wh_client, wh_settings, monkeypatch):
+    monkeypatch.setattr(WebhookDispatcher, "PER_SWEEP", 2 * WebhookDispatcher.CHUNK)
+    oa = sdk(wh_client)
+    with Receiver() as rx:
+        ep = oa.webhooks.create(event_types=[SUCCEEDED], name="x", url=rx.url)
+        jobs = sorted(_finish_job(_store(wh_client)) for _ in range(2 * WebhookDispatcher.CHUNK + 1))
+        dispatcher = WebhookDispatcher(_store(wh_client), wh_settings)
+        assert len(dispatcher.run_once().delivered) == 2 * WebhookDispatcher.CHUNK  # bounded per sweep
+        assert len(dispatcher.run_once().delivered) == 1
+        reqs = rx.received()
+    assert sorted(_unwrap(oa, r, ep.signing_secret).data.id for r in reqs) == jobs  # each job's event once
