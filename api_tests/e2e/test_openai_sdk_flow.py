@@ -1,7 +1,8 @@
 """Issue 2: the same whole-system flow driven by the official `openai` package over real HTTP:
 OpenAI(base_url=.../v1) -> files.create -> fine_tuning.jobs.create / retrieve / list_events
 while a real worker trains -> chat.completions.create with the adapter, with and without
-stream, differing from the base model."""
+stream, differing from the base model. Issue 14: a webhook endpoint registered first gets the
+job's `fine_tuning.job.succeeded`, verified by the SDK."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ import pytest
 from openai import OpenAI
 
 from e2e_harness import KEY_A, KEY_B, jsonl_bytes, sample_rows, wait_for
+from webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -20,7 +22,13 @@ PROMPT = "类型#裙*颜色#红色*风格#复古"
 
 
 def test_openai_sdk_drives_the_whole_flow(deployment):
+    with Receiver() as rx:
+        _whole_flow(deployment, rx)
+
+
+def _whole_flow(deployment, rx):
     oa = OpenAI(base_url=f"{deployment.url}/v1", api_key=KEY_A, max_retries=0, timeout=120)
+    hook = oa.webhooks.create(event_types=["fine_tuning.job.succeeded"], name="e2e", url=rx.url)
     data = jsonl_bytes(sample_rows(48))
     f = oa.files.create(file=("sdk-train.jsonl", io.BytesIO(data)), purpose="fine-tune")
     assert f.id.startswith("file-") and f.bytes == len(data) and f.purpose == "fine-tune"
@@ -47,6 +55,15 @@ def test_openai_sdk_drives_the_whole_flow(deployment):
     print(f"\nSDK job succeeded in {time.monotonic() - t0:.1f} s")
     assert done.fine_tuned_model and done.fine_tuned_model.startswith("ft-sdk-")
     assert done.finished_at and done.trained_tokens and done.error is None
+
+    # The webhook came without polling (sent by a background sender, so it may trail the status).
+    def delivered():
+        events = [oa.webhooks.unwrap(r.body, r.headers, secret=hook.signing_secret) for r in rx.received()]
+        return [e for e in events if e.data.id == job.id]
+    events = wait_for(delivered, 60, "the succeeded webhook", diagnostics=deployment.system.logs)
+    # at least once: a repeat would carry the same event id
+    assert {(e.id, e.type) for e in events} == {(events[0].id, "fine_tuning.job.succeeded")}
+    oa.webhooks.delete(hook.id)
 
     # list_events auto-paginates (newest first); the metrics events carry the loss curve.
     events = list(oa.fine_tuning.jobs.list_events(job.id, limit=5))
