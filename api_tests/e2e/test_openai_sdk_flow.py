@@ -10,9 +10,8 @@ import time
 
 import openai
 import pytest
-from openai import OpenAI
-
 from e2e_harness import KEY_A, KEY_B, jsonl_bytes, sample_rows, wait_for
+from openai import OpenAI
 from webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
