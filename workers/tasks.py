@@ -40,6 +40,7 @@ from service.core.domain import (
     adapter_name_for_job,
 )
 from service.core.errors import Cancelled, Conflict, InvalidInput, NotFound, TrainingError
+from service.core.results import discard_results_file, write_results_file
 from workers.reaper import owner_alive, worker_identity, worker_lost_error
 
 log = logging.getLogger("tuneserve.worker")
@@ -321,10 +322,16 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
             manifest = publish_adapter(settings, job, outcome)
             if getattr(outcome, "trained_tokens", None) is not None:
                 store.update_progress(job_id, store.get_job(job_id).progress, trained_tokens=outcome.trained_tokens)
+            results_file = write_results_file(store, settings.files_dir, job)
             result = {**(getattr(outcome, "result", None) or {}),
                       "metrics": dict(getattr(outcome, "metrics", None) or {}),
-                      "adapter": {"name": manifest.name, "version": manifest.version}}
-            store.transition(job_id, JobStatus.succeeded, fine_tuned_model=manifest.name, result=result)
+                      "adapter": {"name": manifest.name, "version": manifest.version},
+                      "result_files": [results_file.id]}
+            try:
+                store.transition(job_id, JobStatus.succeeded, fine_tuned_model=manifest.name, result=result)
+            except Exception:
+                discard_results_file(store, results_file)  # no results file for a job that did not succeed
+                raise
             store.add_event(job_id, f"succeeded: adapter {manifest.name} v{manifest.version} published",
                             data={"fine_tuned_model": manifest.name, "version": manifest.version})
             _remove_unpublished(adapter_dir)  # the registry holds its copy now

@@ -54,6 +54,10 @@ def _whole_flow(deployment, rx):
     print(f"\nSDK job succeeded in {time.monotonic() - t0:.1f} s")
     assert done.fine_tuned_model and done.fine_tuned_model.startswith("ft-sdk-")
     assert done.finished_at and done.trained_tokens and done.error is None
+    (results_id,) = done.result_files  # the metrics CSV, one row per step
+    lines = oa.files.content(results_id).text.splitlines()
+    assert lines[0] == "step,train_loss,train_mean_token_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert [int(line.split(",")[0]) for line in lines[1:]] == list(range(1, 21))
 
     # The webhook came without polling (sent by a background sender, so it may trail the status).
     def delivered():

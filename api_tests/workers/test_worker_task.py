@@ -163,3 +163,22 @@ def test_heartbeat_refreshes_while_training(world, store):
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
     first, later = seen[0]
     assert later > first
+
+
+def test_success_attaches_the_metrics_csv_as_a_result_file(world, store):
+    settings = world.settings()
+    job = _job(world, store)
+
+    def train(run, progress):
+        for step, loss in ((1, 2.5), (2, 2.0)):
+            progress.event(f"step {step}", data={"step": step, "loss": loss, "total_steps": 2})
+        progress.event("step 2: validation loss 1.7500", data={"step": 2, "eval_loss": 1.75})
+        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+
+    assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
+    (file_id,) = store.get_job(job.id).result["result_files"]
+    info = store.get_file(file_id, TENANT)
+    assert info.purpose == "fine-tune-results" and info.format is None and info.rows == 2
+    assert Path(info.path).read_text() == ("step,train_loss,train_mean_token_accuracy,valid_loss,"
+                                           "valid_mean_token_accuracy\n1,2.5,,,\n2,2.0,,1.75,\n")
+    assert [f.id for f in store.list_files(TENANT, purpose="fine-tune-results")] == [file_id]

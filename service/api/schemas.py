@@ -67,7 +67,7 @@ class FilePublic(BaseModel):
     expires_at: int | None = None
     # ours
     rows: int
-    format: DatasetFormat
+    format: DatasetFormat | None = None  # null for files that are not datasets
     sha256: str
 
     @classmethod
@@ -190,6 +190,7 @@ class JobPublic(BaseModel):
             error=JobErrorPublic.from_domain(job.error) if job.error else None,
             training_file=job.training_file, validation_file=job.validation_file,
             seed=spec.seed, suffix=job.suffix, metadata=job.metadata,
+            result_files=list(job.result.get("result_files") or []),
             estimated_finish=estimated, started_at=unix(job.started_at),
             cancel_requested=job.cancel_requested,
             training_dataset=job.training_dataset, validation_dataset=job.validation_dataset,

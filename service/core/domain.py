@@ -257,7 +257,7 @@ class FileInfo(BaseModel):
     purpose: str
     bytes: int
     rows: int
-    format: DatasetFormat
+    format: DatasetFormat | None = None  # None: not a dataset (a job's results CSV)
     sha256: str
     path: str  # server-side location; never exposed by the API
     created_at: datetime

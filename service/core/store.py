@@ -214,7 +214,7 @@ def _newest_first_page(session, row_type, scope, after: str | None, limit: int, 
 
 def _file(row: FileRow) -> FileInfo:
     return FileInfo(id=row.id, tenant=row.tenant, filename=row.filename, purpose=row.purpose,
-                    bytes=row.bytes, rows=row.rows, format=DatasetFormat(row.format),
+                    bytes=row.bytes, rows=row.rows, format=DatasetFormat(row.format) if row.format else None,
                     sha256=row.sha256, path=row.path, created_at=row.created_at)
 
 
@@ -384,9 +384,10 @@ class Store:
     # Files
     # =====================================================================================
     def create_file(self, *, tenant: str, filename: str, purpose: str, bytes: int, rows: int,
-                    format: DatasetFormat, sha256: str, path: str | Path) -> FileInfo:
+                    format: DatasetFormat | None, sha256: str, path: str | Path) -> FileInfo:
+        # "" for a file that is no dataset: the column predates such files and is NOT NULL.
         row = FileRow(id=ids.file_id(), tenant=tenant, filename=filename, purpose=purpose, bytes=bytes,
-                      rows=rows, format=DatasetFormat(format).value, sha256=sha256, path=str(path),
+                      rows=rows, format=DatasetFormat(format).value if format else "", sha256=sha256, path=str(path),
                       created_at=utcnow())
         with self._write() as s:
             s.add(row)

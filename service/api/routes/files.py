@@ -12,6 +12,7 @@ from service.api.deps import SettingsDep, StateDep, StoreDep, TenantDep
 from service.api.schemas import FileDeleted, FileList, FilePublic
 from service.api.uploads import receive_upload
 from service.core.errors import InvalidInput, NotFound, TuneserveError
+from service.core.results import RESULTS_PURPOSE
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -80,10 +81,11 @@ def delete_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FileDeleted
 
 
 @router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/jsonl": {}}}})
+            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}}}})
 async def file_content(file_id: str, tenant: TenantDep, store: StoreDep) -> FileResponse:
     info = await to_thread.run_sync(store.get_file, file_id, tenant)
     path = Path(info.path)
     if not path.is_file():
         raise NotFound(f"file {file_id!r} content is missing", param="file_id")
-    return FileResponse(path, media_type="application/jsonl", filename=info.filename)
+    media_type = "text/csv" if info.purpose == RESULTS_PURPOSE else "application/jsonl"
+    return FileResponse(path, media_type=media_type, filename=info.filename)
