@@ -203,8 +203,10 @@ def _classify_unexpected(exc: BaseException) -> JobError:
     return _job_error(JobErrorCode.internal, f"internal error in the worker ({name}): {exc}")
 
 
-def load_training_data(store, job: Job) -> tuple[list, list | None]:
-    """(train, validation) conversations from the job's files or `datasets` sources."""
+def load_training_data(store, job: Job, settings: Settings) -> tuple[list, list | None]:
+    """(train, validation) conversations from the job's files or `datasets` sources. Local
+    sources are resolved against the dataset roots again here, at read time: the API's check
+    at creation says nothing about what the path leads to now."""
     from service.core import datasets
 
     def one(file_id: str | None, source, what: str) -> list | None:
@@ -212,7 +214,8 @@ def load_training_data(store, job: Job) -> tuple[list, list | None]:
             if file_id:  # read_conversations validates lazily: materialize inside the try
                 return list(datasets.read_conversations(store.get_file(file_id, None).path))
             if source is not None:
-                return datasets.load_dataset_source(source, param=what.replace("_file", "_dataset"))
+                return datasets.load_dataset_source(source, allowed_roots=settings.resolved_dataset_roots,
+                                                    param=what.replace("_file", "_dataset"))
         except NotFound as exc:
             raise TrainingError(f"{what} {file_id} no longer exists", code="invalid_data",
                                 param=f"{what}") from exc
@@ -307,7 +310,7 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
             else:
                 from workers.training import TrainingRun
                 run_training = train_fn
-            train, validation = load_training_data(store, job)
+            train, validation = load_training_data(store, job, settings)
             run = TrainingRun(
                 job_id=job.id, tenant=job.tenant, base_model_ref=base_model_ref(job, settings), spec=job.spec,
                 train_conversations=train, validation_conversations=validation,

@@ -213,3 +213,37 @@ def test_two_apps_do_not_share_metrics(make_settings, tmp_path):
 def test_metrics_can_be_switched_off(make_settings):
     with TestClient(create_app(make_settings(metrics_enabled=False))) as c:
         assert_error(c.get("/metrics"), 404)
+
+
+def test_two_authorization_headers_are_a_400(client):
+    """Which of two headers counts would be a guess (a proxy may add one): refuse both orders."""
+    from .conftest import KEY_A, KEY_B
+    for pair in ([KEY_A, KEY_B], [KEY_A, KEY_A], ["wrong", KEY_A]):
+        headers = [("authorization", f"Bearer {k}") for k in pair]
+        r = client.get("/v1/files", headers=headers)
+        err = assert_error(r, 400, param="Authorization", code="duplicate_header")
+        assert "exactly one" in err["message"]
+
+
+@pytest.mark.parametrize("value", ["Bearer  {key}", "Bearer {key}\t", "Bearer \t{key}", "Bearer\t{key}",
+                                   "Bearer {key} x", "Bearer {key}\u00a0"],
+                         ids=["two-spaces", "trailing-tab", "leading-tab", "tab-separator", "two-words", "nbsp"])
+def test_a_key_with_surrounding_whitespace_is_not_accepted(client, value):
+    from .conftest import KEY_A
+    r = client.get("/v1/files", headers={"Authorization": value.format(key=KEY_A).encode("utf-8")})
+    assert_error(r, 401, code="invalid_api_key")
+    assert client.get("/v1/files", headers={"Authorization": f"bearer {KEY_A}"}).status_code == 200  # scheme: any case
+
+
+def test_keys_with_whitespace_cannot_be_configured(make_settings, tmp_path):
+    from service.core.errors import InvalidInput
+    from service.core.store import Store
+    with pytest.raises(ValueError, match="visible ASCII"):
+        make_settings(api_keys="key with space:alice").parsed_api_keys()
+    store = Store(f"sqlite:///{tmp_path / 'k.db'}")
+    try:
+        for bad in (" lead", "trail ", "in side", "tab\t", "é"):
+            with pytest.raises(InvalidInput):
+                store.create_api_key("alice", key=bad)
+    finally:
+        store.close()

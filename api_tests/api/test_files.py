@@ -4,8 +4,12 @@ uploads that must each answer 4xx naming the line and field with NOTHING written
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
 
 from .conftest import (AUTH_A, AUTH_B, GOOD_ROWS, assert_error, files_on_disk, jsonl, upload,
                        upload_ok)
@@ -90,6 +94,11 @@ MALFORMED = [
     ("deeply nested", ok + b"\n" + json.dumps(_deep(40)).encode() + b"\n", 2, ""),
     ("NaN constant", b'{"content": "a", "summary": NaN}\n', 1, ""),
     ("huge line", ok + b'\n{"content": "' + b"x" * 9000 + b'", "summary": "b"}\n', 2, ""),
+    ("lone surrogate escape", ok + b'\n{"content": "a\\ud800b", "summary": "x"}\n', 2, "content"),
+    ("lone surrogate in a chat turn", jsonl([{"messages": [{"role": "user", "content": "x"}, {
+        "role": "assistant", "content": "y"}]}]) + b'{"messages": [{"role": "user", "content": "ok"}, '
+                                                    b'{"role": "assistant", "content": "\\udc00"}]}\n',
+     2, "messages[1].content"),
     ("empty file", b"", None, ""),
     ("only blank lines", b"\n\n  \n", None, ""),
 ]
@@ -205,3 +214,57 @@ def test_raw_hostile_filenames(client, settings, fname):
     assert files_on_disk(settings) == []
     headers, body = raw_multipart(b"fine.jsonl", jsonl(GOOD_ROWS))
     assert client.post("/v1/files", headers=headers, content=body).status_code == 200  # the framing is right
+
+
+def test_stale_half_uploads_are_removed_at_start(make_settings):
+    """An API killed mid-upload (SIGKILL: no `finally` ran) leaves its `.upload-*.part`. The next
+    start removes those older than a minute whose lock no live upload holds, and only those."""
+    import fcntl
+    import os
+    import time as _time
+
+    from service.api.uploads import PART_MIN_AGE_S
+
+    settings = make_settings()
+    files_dir = settings.files_dir
+    files_dir.mkdir(parents=True)
+    old = _time.time() - PART_MIN_AGE_S - 5
+
+    def part(name: str, age: float | None) -> Path:
+        p = files_dir / f".upload-{name}.part"
+        p.write_bytes(b"half a row")
+        if age is not None:
+            os.utime(p, (age, age))
+        return p
+
+    dead = part("dead", old)
+    fresh = part("fresh", None)          # just created: its upload may not hold the lock yet
+    live = part("live", old)             # an old but live (slow) upload of another process
+    holder = open(live, "rb")
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    published = files_dir / "0123abcd.jsonl"
+    published.write_bytes(b"{}\n")
+    os.utime(published, (old, old))
+    try:
+        with TestClient(create_app(settings)) as c:
+            assert c.get("/healthz").status_code == 200
+            assert not dead.exists()
+            assert fresh.exists() and live.exists() and published.exists()
+    finally:
+        holder.close()
+
+
+def test_an_upload_in_progress_holds_its_lock(client, settings):
+    """What the startup sweep relies on: a live upload's .part is locked by its process."""
+    import fcntl
+
+    from service.api.uploads import _FileSink
+
+    sink = _FileSink(settings, settings.files_dir)
+    try:
+        with open(sink.tmp, "rb") as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        sink.discard()
+    assert not sink.tmp.exists()

@@ -96,6 +96,8 @@ def _bad_cases(fid_a: str, fid_b: str):
         ("suffix uppercase+space", {**ok, "suffix": "My Model"}, "suffix"),
         ("suffix NUL", {**ok, "suffix": "a\x00b"}, "suffix"),
         ("suffix too long for a name", {**ok, "suffix": "a" * 60}, "suffix"),
+        ("suffix 46 (documented limit 45)", {**ok, "suffix": "a" * 46}, "suffix"),
+        ("suffix 47 (still a valid adapter name)", {**ok, "suffix": "a" * 47}, "suffix"),
         ("method dpo", {**ok, "method": {"type": "dpo"}}, "method.type"),
         ("hyperparameters twice", {**ok, "hyperparameters": {"n_epochs": 1},
                                    "method": {"type": "supervised", "supervised": {"hyperparameters": {}}}},
@@ -243,3 +245,30 @@ def test_base_model_name_without_engine(make_settings):
         fid = upload_ok(c)
         assert create(c, model=fixture, training_file=fid).json()["model"] == "chatglm3-tiny"
         assert create(c, model="chatglm3-tiny", training_file=fid).status_code == 200
+
+
+def test_suffix_at_the_documented_limit_passes(client):
+    fid = upload_ok(client)
+    r = create(client, model=BASE, training_file=fid, suffix="a" * 45)
+    assert r.status_code == 200, r.text
+    err = assert_error(create(client, model=BASE, training_file=fid, suffix="a" * 46), 400)
+    assert err["param"] == "suffix" and "at most 45 characters" in err["message"]
+
+
+def test_dataset_path_errors_are_400s_naming_the_field(client, settings, tmp_path, queue_len):
+    """A component over 255 bytes (ENAMETOOLONG) used to answer 500; a dir inside the root
+    holding a link to an outside file was accepted. Neither may echo what the file holds."""
+    root = settings.resolved_dataset_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("SECRET_TOKEN_91,other\nx,y\n")
+    linked = root / "linked"
+    linked.mkdir()
+    (linked / "train.csv").symlink_to(secret)
+    for path in (str(root / ("a" * 300) / "train.json"), str(root / ("a" * 300)), str(linked)):
+        for field in ("training_dataset", "validation_dataset"):
+            body = {"model": BASE, "training_dataset": {"path": str(root / "missing.json")}, field: {"path": path}}
+            err = assert_error(create(client, **body), 400)
+            assert f"{field}.path" in [d["param"] for d in err["details"]], err
+            assert "SECRET_TOKEN" not in json.dumps(err)
+    assert jobs_in_store(client) == 0 and queue_len() == 0

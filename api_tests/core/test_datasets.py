@@ -123,6 +123,14 @@ MALFORMED = [
     ("too deep", _jsonl(AD) + b'{"content": "a", "summary": "b", "x": ' + b"[" * 50 + b"]" * 50 + b"}\n",
      "line 2: JSON nested deeper than 8 levels", ""),
     ("unbalanced deep", b"[" * 3000 + b"\n", "line 1: not valid JSON", ""),
+    # json.loads takes a lone surrogate escape; the row could never be encoded for a tokenizer.
+    ("lone surrogate", _jsonl(OAI, OAI) + b'{"messages": [{"role": "user", "content": "a\\ud800"}, '
+                                         b'{"role": "assistant", "content": "b"}]}\n',
+     "line 3: messages[0].content holds a lone UTF-16 surrogate", "messages[0].content"),
+    ("lone low surrogate in summary", b'{"content": "a", "summary": "\\udfffx"}\n',
+     "line 1: summary holds a lone UTF-16 surrogate", "summary"),
+    ("lone surrogate in a key", b'{"content": "a", "summary": "b", "\\ud800k": 1}\n',
+     "line 1: \\ud800k holds a lone UTF-16 surrogate", "\\ud800k"),
 ]
 
 
@@ -208,6 +216,11 @@ def test_read_conversations(tmp_path):
 # ---------------------------------------------------------------------------------------
 # `datasets` sources
 # ---------------------------------------------------------------------------------------
+def _load(src: DatasetSource, **kw):
+    """Load a source directly under its dataset root (every local_data entry is)."""
+    return load_dataset_source(src, allowed_roots=[Path(src.path).parent], **kw)
+
+
 @pytest.fixture(scope="module")
 def local_data(tmp_path_factory) -> Path:
     datasets = pytest.importorskip("datasets")
@@ -226,52 +239,52 @@ def local_data(tmp_path_factory) -> Path:
 
 
 def test_load_saved_dataset_dir(local_data):
-    convs = load_dataset_source(DatasetSource(path=str(local_data / "saved")))
+    convs = _load(DatasetSource(path=str(local_data / "saved")))
     assert len(convs) == 5
     assert convs[0] == [{"role": "user", "content": "类型#裙*颜色#红"}, {"role": "assistant", "content": "一条红色的裙子。"}]
-    assert len(load_dataset_source(DatasetSource(path=str(local_data / "saved"), split="train[:2]"))) == 2
-    assert len(load_dataset_source(DatasetSource(path=str(local_data / "saved"), split="train[40%:]"))) == 3
-    assert len(load_dataset_source(DatasetSource(path=str(local_data / "saved"), max_rows=4))) == 4
+    assert len(_load(DatasetSource(path=str(local_data / "saved"), split="train[:2]"))) == 2
+    assert len(_load(DatasetSource(path=str(local_data / "saved"), split="train[40%:]"))) == 3
+    assert len(_load(DatasetSource(path=str(local_data / "saved"), max_rows=4))) == 4
 
 
 def test_load_saved_dataset_dict_splits(local_data):
-    assert len(load_dataset_source(DatasetSource(path=str(local_data / "saved_dict"), split="validation"))) == 2
+    assert len(_load(DatasetSource(path=str(local_data / "saved_dict"), split="validation"))) == 2
     with pytest.raises(InvalidInput) as exc:
-        load_dataset_source(DatasetSource(path=str(local_data / "saved_dict"), split="test"))
+        _load(DatasetSource(path=str(local_data / "saved_dict"), split="test"))
     assert exc.value.param == "training_dataset.split"
 
 
 @pytest.mark.parametrize("fname", ["adgen.parquet", "adgen.jsonl"])
 def test_load_data_files(local_data, fname):
-    convs = load_dataset_source(DatasetSource(path=str(local_data / fname)))
+    convs = _load(DatasetSource(path=str(local_data / fname)))
     assert [c[1]["content"] for c in convs] == [f"一条{c}色的裙子。" for c in "红黄蓝绿紫"]
-    assert len(load_dataset_source(DatasetSource(path=str(local_data / fname), split="validation[:3]"))) == 3
+    assert len(_load(DatasetSource(path=str(local_data / fname), split="validation[:3]"))) == 3
 
 
 def test_column_mapping_and_missing_column(local_data):
-    convs = load_dataset_source(DatasetSource(path=str(local_data / "custom"), content_column="q", summary_column="a"))
+    convs = _load(DatasetSource(path=str(local_data / "custom"), content_column="q", summary_column="a"))
     assert convs == [[{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
                      [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]]
     with pytest.raises(InvalidInput) as exc:
-        load_dataset_source(DatasetSource(path=str(local_data / "custom"), content_column="q"))
+        _load(DatasetSource(path=str(local_data / "custom"), content_column="q"))
     assert exc.value.param == "training_dataset.summary_column" and "'summary'" in exc.value.message
     with pytest.raises(InvalidInput) as exc:
-        load_dataset_source(DatasetSource(path=str(local_data / "saved"), content_column="nope"),
+        _load(DatasetSource(path=str(local_data / "saved"), content_column="nope"),
                             param="validation_dataset")
     assert exc.value.param == "validation_dataset.content_column"
     with pytest.raises(InvalidInput) as exc:
-        load_dataset_source(DatasetSource(path=str(local_data / "holes")))
+        _load(DatasetSource(path=str(local_data / "holes")))
     assert exc.value.param == "training_dataset.content_column" and "row 1" in exc.value.message
 
 
 def test_chat_format_dataset(local_data):
-    convs = load_dataset_source(DatasetSource(path=str(local_data / "chat")))
+    convs = _load(DatasetSource(path=str(local_data / "chat")))
     assert convs == [OAI["messages"]] * 2
 
 
 def test_missing_local_path(local_data):
     with pytest.raises(InvalidInput) as exc:
-        load_dataset_source(DatasetSource(path=str(local_data / "nope")))
+        _load(DatasetSource(path=str(local_data / "nope")))
     assert exc.value.param == "training_dataset.path"
 
 
@@ -295,3 +308,158 @@ def test_check_dataset_source(local_data, tmp_path):
     with pytest.raises(InvalidInput) as exc:  # the worker re-checks when given the roots
         load_dataset_source(DatasetSource(path=str(outside)), allowed_roots=roots, param="validation_dataset")
     assert exc.value.param == "validation_dataset.path"
+
+
+def test_read_conversations_refuses_a_lone_surrogate(tmp_path):
+    # A file uploaded before the upload check existed: the worker refuses it with line and field.
+    p = tmp_path / "old.jsonl"
+    p.write_bytes(_jsonl(AD) + b'{"content": "a\\ud800", "summary": "b"}\n')
+    with pytest.raises(InvalidInput, match="line 2: content holds a lone UTF-16 surrogate"):
+        list(read_conversations(p))
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset roots: everything the loader reads resolves inside them (issue 11)
+# ---------------------------------------------------------------------------------------
+SECRET = "SECRET_TOKEN_4f1c9a"
+
+
+@pytest.fixture
+def roots_and_secret(tmp_path) -> tuple[Path, Path]:
+    """(a dataset root, a file outside it whose first line is a secret)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    outside = tmp_path / "private"
+    outside.mkdir()
+    secret = outside / "secret.csv"
+    secret.write_text(f"{SECRET},other_col\nx,y\n")
+    return root, secret
+
+
+def _refused(src: DatasetSource, root: Path, *, load: bool = False) -> InvalidInput:
+    with pytest.raises(InvalidInput) as exc:
+        if load:
+            load_dataset_source(src, allowed_roots=[root])
+        else:
+            check_dataset_source(src, [root])
+    assert exc.value.param == "training_dataset.path", exc.value.message
+    assert SECRET not in exc.value.message
+    return exc.value
+
+
+@pytest.mark.parametrize("load", [False, True], ids=["api-check", "worker-load"])
+def test_symlink_in_a_dir_inside_the_root_is_refused(roots_and_secret, load):
+    root, secret = roots_and_secret
+    d = root / "adgen"
+    d.mkdir()
+    (d / "train.csv").write_text("content,summary\na,b\n")
+    (d / "validation.csv").symlink_to(secret)
+    err = _refused(DatasetSource(path=str(d)), root, load=load)
+    assert "validation.csv" in err.message and "outside" in err.message
+
+
+@pytest.mark.parametrize("load", [False, True], ids=["api-check", "worker-load"])
+def test_the_root_itself_holding_a_symlink_out_is_refused(roots_and_secret, load):
+    root, secret = roots_and_secret
+    (root / "train.csv").symlink_to(secret)
+    _refused(DatasetSource(path=str(root)), root, load=load)
+    _refused(DatasetSource(path=str(root / "train.csv")), root, load=load)  # named directly
+
+
+def test_symlinked_dir_and_saved_metadata_leading_out_are_refused(roots_and_secret, local_data):
+    root, secret = roots_and_secret
+    d = root / "linked"
+    d.mkdir()
+    (d / "train.csv").write_text("content,summary\na,b\n")
+    (d / "more").symlink_to(secret.parent, target_is_directory=True)
+    assert "more" in _refused(DatasetSource(path=str(d)), root).message
+    # A save_to_disk dir whose state.json names a file outside it (load_from_disk would join it).
+    import shutil
+    saved = root / "saved"
+    shutil.copytree(local_data / "saved", saved)
+    state = json.loads((saved / "state.json").read_text())
+    state["_data_files"] = [{"filename": "../../private/secret.csv"}]
+    (saved / "state.json").write_text(json.dumps(state))
+    assert "metadata" in _refused(DatasetSource(path=str(saved)), root).message
+    # A symlink loop inside the root is a 400, not a hang or a 500.
+    (root / "loop").symlink_to(root / "loop")
+    _refused(DatasetSource(path=str(root / "loop")), root)
+
+
+def test_links_that_stay_inside_the_roots_are_fine(tmp_path, local_data):
+    root = tmp_path / "root"
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "train.jsonl").write_text(json.dumps({"content": "a", "summary": "b"}) + "\n")
+    (root / "alias").symlink_to(root / "real", target_is_directory=True)
+    (root / "alias2").symlink_to(root / "real", target_is_directory=True)  # the same dir twice: checked once
+    (root / "real" / "again").symlink_to(root / "real", target_is_directory=True)  # a loop inside: pruned
+    check_dataset_source(DatasetSource(path=str(root / "alias")), [root])
+    assert load_dataset_source(DatasetSource(path=str(root / "alias")), allowed_roots=[root]) == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]
+
+
+def test_a_file_swapped_after_the_check_is_refused_at_read_time(roots_and_secret):
+    """The API's check passed when the job was created; the worker resolves again before
+    reading, so a file replaced by a link out afterwards is refused, and its content never shows."""
+    root, secret = roots_and_secret
+    d = root / "adgen"
+    d.mkdir()
+    train = d / "train.csv"
+    train.write_text("content,summary\na,b\n")
+    src = DatasetSource(path=str(d))
+    check_dataset_source(src, [root])
+    assert len(load_dataset_source(src, allowed_roots=[root])) == 1
+    train.unlink()
+    train.symlink_to(secret)
+    _refused(src, root, load=True)
+    # The same for a source that names the file itself.
+    single = root / "one.csv"
+    single.write_text("content,summary\na,b\n")
+    check_dataset_source(DatasetSource(path=str(single)), [root])
+    single.unlink()
+    single.symlink_to(secret)
+    _refused(DatasetSource(path=str(single)), root, load=True)
+
+
+def test_errors_never_echo_file_contents(tmp_path):
+    """A CSV's header is its first line: a missing column names the expected column only, and a
+    malformed file's parser message (which quotes rows) stays in the worker log."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "cols.csv").write_text(f"{SECRET},other_col\nx,y\n")
+    with pytest.raises(InvalidInput) as exc:
+        load_dataset_source(DatasetSource(path=str(root / "cols.csv")), allowed_roots=[root])
+    assert exc.value.param == "training_dataset.content_column"
+    assert "'content'" in exc.value.message and "2 columns" in exc.value.message
+    assert SECRET not in exc.value.message and "other_col" not in exc.value.message
+    (root / "bad.csv").write_text(f"content,summary\na,b\n{SECRET},x,y,z\n")
+    with pytest.raises(InvalidInput) as exc:
+        load_dataset_source(DatasetSource(path=str(root / "bad.csv")), allowed_roots=[root])
+    assert SECRET not in exc.value.message, exc.value.message
+
+
+@pytest.mark.parametrize("name", ["a" * 256, "é" * 128], ids=["256-chars", "256-bytes"])
+def test_os_errors_are_a_400_naming_the_field(tmp_path, name):
+    """ENAMETOOLONG (a component over 255 bytes) used to escape as a 500."""
+    root = tmp_path / "root"
+    root.mkdir()
+    for path in (root / name, root / name / "train.json", root / f"{name}.json"):
+        with pytest.raises(InvalidInput) as exc:
+            check_dataset_source(DatasetSource(path=str(path)), [root], param="validation_dataset")
+        assert exc.value.param == "validation_dataset.path"
+        assert "File name too long" in exc.value.message
+
+
+def test_unreadable_dir_is_a_400(tmp_path):
+    import os
+    if os.geteuid() == 0:
+        pytest.skip("root reads a mode-000 directory anyway; EACCES cannot be produced here")
+    root = tmp_path / "root"
+    (root / "d" / "locked").mkdir(parents=True)
+    (root / "d" / "locked").chmod(0)
+    try:
+        with pytest.raises(InvalidInput) as exc:
+            check_dataset_source(DatasetSource(path=str(root / "d")), [root])
+        assert exc.value.param == "training_dataset.path" and "Permission denied" in exc.value.message
+    finally:
+        (root / "d" / "locked").chmod(0o755)

@@ -182,3 +182,27 @@ def test_success_attaches_the_metrics_csv_as_a_result_file(world, store):
     assert Path(info.path).read_text() == ("step,train_loss,train_mean_token_accuracy,valid_loss,"
                                            "valid_mean_token_accuracy\n1,2.5,,,\n2,2.0,,1.75,\n")
     assert [f.id for f in store.list_files(TENANT, purpose="fine-tune-results")] == [file_id]
+
+
+def test_dataset_swapped_after_creation_is_refused_by_the_worker(world, store, tmp_path):
+    """The API checked the source when the job was created; then a file in it became a link to a
+    file outside the dataset roots. The worker resolves again before reading: the job fails
+    invalid_data naming the field, and the outside file's content is nowhere in the error."""
+    from service.core.datasets import check_dataset_source
+    from service.core.domain import DatasetSource
+
+    settings = world.settings()
+    src_dir = settings.resolved_dataset_roots[0] / "adgen"
+    src_dir.mkdir(parents=True)
+    (src_dir / "train.csv").write_text("content,summary\na,b\n")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("SECRET_TOKEN_77aa,other_col\nx,y\n")
+    source = DatasetSource(path=str(src_dir))
+    check_dataset_source(source, settings.resolved_dataset_roots)  # what the API did at creation
+    job = store.create_job(tenant=TENANT, model="tiny", spec=tiny_spec(), training_dataset=source)
+    (src_dir / "train.csv").unlink()
+    (src_dir / "train.csv").symlink_to(secret)
+    assert run_job(store, settings, job.id, "me:1") == "failed"
+    done = store.get_job(job.id)
+    assert done.error.code == "invalid_data" and done.error.param == "training_dataset.path", done.error
+    assert "outside" in done.error.message and "SECRET_TOKEN" not in done.error.message

@@ -22,6 +22,7 @@ from service.api.errors import install_error_handlers
 from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
 from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
+from service.api.uploads import clean_stale_parts
 from service.core.config import DEMO_MODEL_NAME, Settings, get_settings
 from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
@@ -73,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.files_dir.mkdir(parents=True, exist_ok=True)
+    await to_thread.run_sync(clean_stale_parts, settings.files_dir)
     store = await to_thread.run_sync(Store, settings.resolved_database_url)
     queue: JobQueue | None = None
     engine = None

@@ -4,6 +4,7 @@ Route signatures use the Annotated aliases (`TenantDep`, `StoreDep`, ...) so eve
 that touches tenant data is authenticated by construction."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -11,7 +12,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.core.config import Settings
-from service.core.errors import ServiceUnavailable, Unauthorized
+from service.core.errors import InvalidInput, ServiceUnavailable, Unauthorized
 
 from service.api.queue import JobQueue
 from service.core.registry import AdapterRegistry
@@ -73,18 +74,33 @@ def get_engine(state: StateDep) -> "InferenceEngine":
     return state.engine
 
 
+# Declares the scheme in the OpenAPI spec only; the header is parsed strictly below.
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer <key>`")
+# One space after the scheme, then the key: visible ASCII only, nothing around it (a key with
+# stray whitespace is a different, invalid key, not a lenient match).
+_BEARER = re.compile(r"^[Bb][Ee][Aa][Rr][Ee][Rr] ([\x21-\x7e]{1,512})$")
 
 
-def get_tenant(state: StateDep,
-               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+def bearer_key(request: Request) -> str:
+    """The API key of `Authorization: Bearer <key>`. Two Authorization headers are a 400 (which
+    one counts would be a proxy's guess); a missing or malformed one, a 401."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        raise InvalidInput("send exactly one Authorization header", param="Authorization",
+                           code="duplicate_header")
+    if not values:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    m = _BEARER.fullmatch(values[0])
+    if m is None:
+        raise Unauthorized("invalid API key: send `Authorization: Bearer <key>` (one space, no other whitespace)")
+    return m.group(1)
+
+
+def get_tenant(state: StateDep, request: Request,
+               _scheme: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     # Sync on purpose: FastAPI runs it in the threadpool, so the (sync) store lookup never
     # blocks the event loop.
-    if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    key = credentials.credentials
-    if len(key) > 512:
-        raise Unauthorized("invalid API key")
+    key = bearer_key(request)
     try:
         tenant = state.store.tenant_for_key(key)
     except Unauthorized:

@@ -7,10 +7,12 @@ still arriving and nothing is ever spooled whole. Any failure removes the temp f
 fully valid upload is renamed into place and gets a store row."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import re
+import time
 import unicodedata
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +38,11 @@ MAX_PARTS = 16
 MAX_FILENAME_CHARS = 255
 # Multipart framing around the file (boundaries, part headers, small fields).
 FRAMING_SLACK = 64 * 1024
+# Half-uploads: named so, they are never mistaken for a published file.
+PART_PREFIX, PART_SUFFIX = ".upload-", ".part"
+# A .part younger than this is left alone at startup even when unlocked (just created: its
+# upload has not taken the lock yet).
+PART_MIN_AGE_S = 60.0
 
 
 def check_filename(raw: str) -> str:
@@ -115,8 +122,11 @@ class _FileSink:
 
     def __init__(self, settings: Settings, files_dir: Path):
         self.files_dir = files_dir
-        self.tmp = files_dir / f".upload-{uuid.uuid4().hex}.part"
+        self.tmp = files_dir / f"{PART_PREFIX}{uuid.uuid4().hex}{PART_SUFFIX}"
         self.fh = open(self.tmp, "xb")
+        # Held while the upload lives (the kernel drops it when the process dies, even by
+        # SIGKILL): what tells clean_stale_parts a live upload from a dead one.
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.sha = hashlib.sha256()
         self.nbytes = 0
         self.max_bytes = settings.max_upload_bytes
@@ -156,6 +166,32 @@ class _FileSink:
             self.tmp.unlink(missing_ok=True)
         except OSError:  # pragma: no cover
             log.warning("could not remove %s", self.tmp)
+
+
+def clean_stale_parts(files_dir: Path, *, min_age_s: float = PART_MIN_AGE_S) -> list[Path]:
+    """Remove half-uploads left by a killed API (run at startup): `.upload-*.part` files older
+    than min_age_s whose lock no live upload (of any process sharing files_dir) holds."""
+    removed: list[Path] = []
+    now = time.time()
+    for part in files_dir.glob(f"{PART_PREFIX}*{PART_SUFFIX}"):
+        try:
+            if now - part.lstat().st_mtime < min_age_s or not part.is_file() or part.is_symlink():
+                continue
+            with open(part, "rb") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live upload, only slow
+                part.unlink()
+            removed.append(part)
+        except FileNotFoundError:
+            continue  # finished or discarded meanwhile
+        except OSError:
+            log.warning("could not remove the stale upload %s", part, exc_info=True)
+    if removed:
+        log.warning("removed %d half-upload(s) left by an interrupted API: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
 
 
 _BOUNDARY_RE = re.compile(rb"^[ -~]{1,200}$")

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         return (self.registry_dir or self.data_dir / "adapters").absolute()
 
     @property
+    def resolved_dataset_roots(self) -> list[Path]:
+        """Where a job's `training_dataset.path` may point on this host (besides hub names);
+        the API checks against these at creation, the worker again before reading."""
+        return [Path(r).absolute() for r in self.dataset_roots] or [(self.data_dir / "datasets").absolute()]
+
+    @property
     def files_dir(self) -> Path:
         return (self.data_dir / "files").absolute()
 
@@ -145,6 +151,10 @@ class Settings(BaseSettings):
             key, _, tenant = pair.partition(":")
             if not key or not tenant:
                 raise ValueError("TUNESERVE_API_KEYS entries must look like key:tenant")
+            if not all("!" <= ch <= "~" for ch in key) or len(key) > 512:
+                # A bearer key is visible ASCII with nothing around it (service.api.deps.bearer_key).
+                raise ValueError("TUNESERVE_API_KEYS: a key must be 1..512 visible ASCII characters, "
+                                 "no whitespace")
             out[key] = tenant
         return out
 

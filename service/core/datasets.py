@@ -11,13 +11,18 @@ Accepted JSONL rows (one format per file, detected from the first row):
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from service.core.domain import CHAT_ROLES, DatasetFormat, DatasetSource
 from service.core.errors import InvalidInput, PayloadTooLarge
+
+log = logging.getLogger("tuneserve.datasets")
 
 # Roles per chat format, in a fixed display order for error messages.
 ROLES: dict[DatasetFormat, tuple[str, ...]] = {
@@ -55,6 +60,42 @@ def json_depth_exceeds(line: bytes, max_depth: int) -> bool:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def lone_surrogate_field(value: Any, where: str = "") -> str | None:
+    """The field (e.g. `messages[0].content`; a bad key counts as its own field) of the first
+    string holding a lone UTF-16 surrogate, or None. json.loads accepts `"\\ud800"`, but such a
+    string cannot be encoded as UTF-8, so no tokenizer can take it. The field's name is returned
+    printable (a surrogate in a key shows as `\\ud800`)."""
+    if isinstance(value, str):
+        return (where or "(row)") if _has_surrogate(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, int):
+            field = f"{where}[{k}]"
+        else:
+            field = f"{where}.{k}" if where else k
+            if _has_surrogate(k):
+                return field.encode("utf-8", "backslashreplace").decode("utf-8")
+        if (found := lone_surrogate_field(v, field)) is not None:
+            return found
+    return None
+
+
+def _surrogate_problem(raw: bytes, row: Any) -> tuple[str, str] | None:
+    # Only a `\u` escape can produce a surrogate (the UTF-8 decoder refuses encoded ones).
+    if b"\\u" not in raw:
+        return None
+    field = lone_surrogate_field(row)
+    return None if field is None else (field, f"{field} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
 
 
 def detect_format(row: dict) -> DatasetFormat | None:
@@ -166,6 +207,8 @@ class DatasetValidator:
             raise self._error(n, "", f"not valid JSON ({exc})") from None
         if not isinstance(row, dict):
             raise self._error(n, "", "must be a JSON object")
+        if (problem := _surrogate_problem(raw, row)) is not None:
+            raise self._error(n, *problem)
         if self.format is None:
             fmt = detect_format(row)
             if fmt is None:
@@ -228,7 +271,7 @@ def read_conversations(path: Path) -> Iterator[list[dict]]:
             fmt = fmt or (detect_format(row) if isinstance(row, dict) else None)
             if fmt is None:
                 raise InvalidInput(f"{Path(path).name} line {n}: unknown format: {_FORMAT_HINT}", param="training_file")
-            problem = row_problem(row, fmt)
+            problem = _surrogate_problem(raw, row) or row_problem(row, fmt)
             if problem is not None:
                 raise InvalidInput(f"{Path(path).name} line {n}: {problem[1]}", param="training_file")
             yield conversation_from_row(row, fmt)
@@ -252,25 +295,123 @@ def _looks_local(path: str) -> bool:
             or not _is_hub_id(path) or Path(path).suffix.lower() in _FILE_BUILDERS)
 
 
-def _inside(path: Path, roots: list[Path]) -> bool:
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(Path(r).resolve()) for r in roots)
+# A directory source is walked entry by entry at every check; past this it is refused rather
+# than letting one request stat a whole filesystem.
+MAX_DIR_ENTRIES = 10_000
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")
+
+
+@dataclass(frozen=True)
+class LocalDataset:
+    """A local source after resolution: `path` is the real path (symlinks followed) and every
+    file the worker may read through it resolves inside the dataset roots."""
+    kind: Literal["file", "saved", "files_dir"]
+    path: Path
+
+
+def _within(real: Path, roots: list[Path]) -> bool:
+    return any(real == r or real.is_relative_to(r) for r in roots)
+
+
+def _refuse_path(param: str, message: str) -> InvalidInput:
+    return InvalidInput(f"{param}.path {message}", param=f"{param}.path")
+
+
+def _outside(param: str, what: str) -> InvalidInput:
+    # Names only the entry the client's own path led to, never anything read from a file.
+    return _refuse_path(param, f"{what} resolves outside the server's dataset directories")
+
+
+def _saved_references(dirpath: Path, names: list[str], param: str) -> Iterator[Path]:
+    """Paths a `save_to_disk` directory's metadata makes `load_from_disk` open: each split dir
+    of dataset_dict.json, each `_data_files` entry of state.json (both joined to the dir)."""
+    for marker, key in (("dataset_dict.json", "splits"), ("state.json", "_data_files")):
+        if marker not in names:
+            continue
+        try:
+            meta = json.loads((dirpath / marker).read_bytes())
+            entries = meta[key]
+            rels = [e["filename"] if key == "_data_files" else e for e in entries]
+            if not all(isinstance(r, str) for r in rels):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise _refuse_path(param, f"holds a {marker} that is not a valid `save_to_disk` file") from None
+        for rel in rels:
+            yield dirpath / rel
+
+
+def _check_tree(top: Path, roots: list[Path], param: str) -> None:
+    """Every entry under `top` (symlinked dirs followed, each real dir once) and every file its
+    saved-dataset metadata names must resolve inside the roots; metadata references must stay
+    inside `top` itself."""
+    seen: set[Path] = set()
+    count = 0
+
+    def onerror(exc: OSError) -> None:
+        raise exc
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=onerror):
+        here = Path(dirpath)
+        real_dir = here.resolve()
+        if not _within(real_dir, roots):
+            raise _outside(param, f"entry {str(here.relative_to(top))!r}")
+        if real_dir in seen:  # a symlink loop or a second link to a dir already checked
+            dirnames[:] = []
+            continue
+        seen.add(real_dir)
+        for name in filenames:
+            count += 1
+            if count > MAX_DIR_ENTRIES:
+                raise _refuse_path(param, f"holds more than {MAX_DIR_ENTRIES} files")
+            if not _within((here / name).resolve(), roots):
+                raise _outside(param, f"entry {str((here / name).relative_to(top))!r}")
+        for ref in _saved_references(here, filenames, param):
+            if not ref.resolve().is_relative_to(top):
+                raise _outside(param, f"a file named by {str(here.relative_to(top))!r}'s metadata")
+
+
+def resolve_local_source(src: DatasetSource, allowed_roots: list[Path], *,
+                         param: str = "training_dataset") -> LocalDataset | None:
+    """None for a hub id. For a local path: resolve it and everything the loader will read
+    through it, refusing whatever leaves allowed_roots. Run by the API at validation and by the
+    worker again right before reading, so a path swapped after the job was created is caught.
+    Any OS error (name too long, symlink loop, permission...) is the field's 400."""
+    if not _looks_local(src.path):
+        return None
+    if "\x00" in src.path:
+        raise _refuse_path(param, "must not contain NUL")
+    roots = [Path(r).resolve() for r in allowed_roots]
+    given = Path(src.path).expanduser()
+    try:
+        real = given.resolve()
+        if not given.is_absolute() or not _within(real, roots):
+            raise InvalidInput(f"{param}.path must be a hub dataset id or an absolute path under the "
+                               "server's dataset directories", param=f"{param}.path")
+        if not real.exists():
+            raise _refuse_path(param, f"{src.path!r} does not exist")
+        if real.is_file():
+            if real.suffix.lower() not in _FILE_BUILDERS or given.suffix.lower() not in _FILE_BUILDERS:
+                raise _refuse_path(param, f"has an unsupported file type {given.suffix!r} "
+                                          f"(use {', '.join(sorted(_FILE_BUILDERS))} or a dataset directory)")
+            return LocalDataset("file", real)
+        if not real.is_dir():
+            raise _refuse_path(param, "is neither a file nor a directory")
+        if src.name is not None:
+            raise InvalidInput(f"{param}.name applies to hub datasets only", param=f"{param}.name")
+        _check_tree(real, roots, param)
+        kind = "saved" if any((real / m).is_file() for m in _SAVED_MARKERS) else "files_dir"
+        return LocalDataset(kind, real)
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES...: the strerror only, no path echo
+        why = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        raise _refuse_path(param, f"cannot be used: {why}") from None
+    except RuntimeError:  # Path.resolve's own symlink-loop error (Python < 3.13)
+        raise _refuse_path(param, "cannot be used: a symlink loop") from None
 
 
 def check_dataset_source(src: DatasetSource, allowed_roots: list[Path], *, param: str = "training_dataset") -> None:
-    """Cheap check for the API: a local path must exist and resolve inside allowed_roots;
-    a hub id ("owner/name") passes (the worker loads it). Raises InvalidInput."""
-    if _looks_local(src.path):
-        p = Path(src.path).expanduser()
-        if "\x00" in src.path or not _inside(p, allowed_roots):
-            raise InvalidInput(f"{param}.path must be a hub dataset id or a path under the server's "
-                               f"dataset directories", param=f"{param}.path")
-        if not p.exists():
-            raise InvalidInput(f"{param}.path {src.path!r} does not exist", param=f"{param}.path")
-        if p.is_file() and p.suffix.lower() not in _FILE_BUILDERS:
-            raise InvalidInput(f"{param}.path: unsupported file type {p.suffix!r} "
-                               f"(use {', '.join(sorted(_FILE_BUILDERS))} or a dataset directory)",
-                               param=f"{param}.path")
+    """The API's check: a hub id ("owner/name") passes (the worker loads it); a local path must
+    resolve, with every file under it, inside allowed_roots. Raises InvalidInput."""
+    resolve_local_source(src, allowed_roots, param=param)
 
 
 def _slice(ds, split: str, param: str):
@@ -298,7 +439,9 @@ def _select_split(loaded, split: str, param: str):
     name = (_SPLIT.fullmatch(split) or re.match(r"(.*)", split)).group(1)
     if isinstance(loaded, datasets.DatasetDict):
         if name not in loaded:
-            raise InvalidInput(f"{param}.split {name!r} not found (has {', '.join(loaded)})", param=f"{param}.split")
+            # Split names come from the dataset's files: count them, never echo them.
+            raise InvalidInput(f"{param}.split {name!r} not found (the dataset has {len(loaded)} splits)",
+                               param=f"{param}.split")
         loaded = loaded[name]
     return _slice(loaded, split, param)
 
@@ -321,8 +464,9 @@ def _to_conversations(ds, src: DatasetSource, param: str) -> list[list[dict]]:
     for attr in ("content_column", "summary_column"):
         column = getattr(src, attr)
         if column not in columns:
-            raise InvalidInput(f"{param}.{attr}: column {column!r} not in the dataset (columns: {', '.join(columns)})",
-                               param=f"{param}.{attr}")
+            # Column names are file contents (a CSV's first line): never echo them.
+            raise InvalidInput(f"{param}.{attr}: column {column!r} not in the dataset "
+                               f"(it has {len(columns)} columns)", param=f"{param}.{attr}")
     out = []
     for i, (content, summary) in enumerate(zip(ds[src.content_column], ds[src.summary_column])):
         for attr, value in (("content_column", content), ("summary_column", summary)):
@@ -335,40 +479,67 @@ def _to_conversations(ds, src: DatasetSource, param: str) -> list[list[dict]]:
     return out
 
 
-def load_dataset_source(src: DatasetSource, *, allowed_roots: list[Path] | None = None,
-                        param: str = "training_dataset") -> list[list[dict]]:
-    """Load a dataset as conversations. Local: a `save_to_disk` dir (load_from_disk), a dir of
-    data files or a parquet/json/csv file (load_dataset by extension); else a hub id
-    (load_dataset(path, name, split=...)). Columns content/summary map to user/assistant."""
-    if allowed_roots is not None:
-        check_dataset_source(src, allowed_roots, param=param)
+def _data_files_of_dir(local: LocalDataset, roots: list[Path], param: str) -> tuple[str, dict[str, list[str]]]:
+    """(builder, split -> files) of a directory of data files, by the `datasets` library's own
+    split-by-name rules but never its README configs (their data_files may name any path); each
+    file is checked again after resolution."""
+    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(str(local.path)), base_path=str(local.path))
+    except EmptyDatasetError:
+        raise _refuse_path(param, f"holds no data files ({', '.join(sorted(_FILE_BUILDERS))})") from None
+    files = {split: [str(Path(f).resolve()) for f in listed] for split, listed in found.items()}
+    builders = {_FILE_BUILDERS.get(Path(f).suffix.lower()) for listed in files.values() for f in listed}
+    if len(builders) != 1 or None in builders:
+        raise _refuse_path(param, f"must hold data files of one type ({', '.join(sorted(_FILE_BUILDERS))})")
+    real_roots = [Path(r).resolve() for r in roots]
+    for listed in files.values():
+        for f in listed:
+            if not _within(Path(f), real_roots):
+                raise _outside(param, "a data file")
+    return builders.pop(), files
+
+
+def _load(src: DatasetSource, local: LocalDataset | None, roots: list[Path], param: str):
     import datasets  # heavy: only where data is really loaded
 
-    local = _looks_local(src.path)
-    path = Path(src.path).expanduser()
-    if not local and path.exists():
-        # datasets would silently prefer a relative local dir over the hub id.
-        raise InvalidInput(f"{param}.path {src.path!r} is ambiguous (a relative local path and a hub id); "
-                           "give an absolute path", param=f"{param}.path")
+    if local is None:
+        if Path(src.path).expanduser().exists():
+            # datasets would silently prefer a relative local dir over the hub id.
+            raise InvalidInput(f"{param}.path {src.path!r} is ambiguous (a relative local path and a hub id); "
+                               "give an absolute path", param=f"{param}.path")
+        return datasets.load_dataset(src.path, src.name, split=src.split)
+    if local.kind == "saved":
+        return _select_split(datasets.load_from_disk(str(local.path)), src.split, param)
+    if local.kind == "file":
+        m = _SPLIT.fullmatch(src.split)
+        split_name = m.group(1) if m else "train"
+        return datasets.load_dataset(_FILE_BUILDERS[local.path.suffix.lower()],
+                                     data_files={split_name: str(local.path)}, split=src.split)
+    builder, files = _data_files_of_dir(local, roots, param)
+    return datasets.load_dataset(builder, data_files=files, split=src.split)
+
+
+def load_dataset_source(src: DatasetSource, *, allowed_roots: list[Path],
+                        param: str = "training_dataset") -> list[list[dict]]:
+    """Load a dataset as conversations (the worker). Local: a `save_to_disk` dir (load_from_disk),
+    a dir of data files or a parquet/json/csv file, each re-resolved against allowed_roots here,
+    at read time; else a hub id (load_dataset(path, name, split=...)). Columns content/summary
+    map to user/assistant. Errors about local data never quote the library's message (it can
+    hold the file's lines); the worker's log has it."""
+    local = resolve_local_source(src, allowed_roots, param=param)
     try:
-        if local and path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            ds = _select_split(datasets.load_from_disk(str(path)), src.split, param)
-        elif local and path.is_file():
-            builder = _FILE_BUILDERS.get(path.suffix.lower())
-            if builder is None:
-                raise InvalidInput(f"{param}.path: unsupported file type {path.suffix!r}", param=f"{param}.path")
-            split_name = _SPLIT.fullmatch(src.split).group(1) if _SPLIT.fullmatch(src.split) else "train"
-            ds = datasets.load_dataset(builder, data_files={split_name: str(path)}, split=src.split)
-        elif local and not path.exists():
-            raise InvalidInput(f"{param}.path {src.path!r} does not exist", param=f"{param}.path")
-        else:
-            ds = datasets.load_dataset(str(path) if local else src.path, src.name, split=src.split)
+        ds = _load(src, local, allowed_roots, param)
     except InvalidInput:
         raise
-    except (ValueError, KeyError) as exc:
-        raise InvalidInput(f"{param}: cannot load split {src.split!r} of {src.path!r}: {exc}",
-                           param=f"{param}.split") from exc
-    except Exception as exc:  # hub unreachable, dataset missing, unreadable files...
-        raise InvalidInput(f"{param}: cannot load {src.path!r}: {type(exc).__name__}: {exc}",
-                           param=f"{param}.path") from exc
+    except Exception as exc:  # hub unreachable, dataset missing, unreadable or malformed files...
+        where = "split" if isinstance(exc, (ValueError, KeyError)) else "path"
+        if local is not None:
+            log.warning("%s: cannot load %s", param, local.path, exc_info=True)
+            detail = type(exc).__name__
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+        what = f"split {src.split!r} of {src.path!r}" if where == "split" else repr(src.path)
+        raise InvalidInput(f"{param}: cannot load {what}: {detail}", param=f"{param}.{where}") from exc
     return _to_conversations(ds, src, param)

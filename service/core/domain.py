@@ -241,6 +241,20 @@ class AdapterManifest(BaseModel):
         return self.name
 
 
+# A suffix ends up inside `ft-<suffix>-<12-char job tail>`, which must stay a NAME_PATTERN name
+# (63 characters at most) whatever the tail: 63 - len("ft-") - len("-") - 12 = 47; 45 leaves
+# room and is the documented limit.
+SUFFIX_MAX_CHARS = 45
+SUFFIX_RULE = f"lowercase letters, digits, '-', '_' or '.', start alphanumeric, at most {SUFFIX_MAX_CHARS} characters"
+
+
+def suffix_problem(suffix: str) -> str | None:
+    """Why `suffix` cannot name an adapter (SUFFIX_RULE), or None."""
+    if len(suffix) > SUFFIX_MAX_CHARS or not NAME_PATTERN.fullmatch(suffix) or ".." in suffix:
+        return f"suffix must be {SUFFIX_RULE}"
+    return None
+
+
 def adapter_name_for_job(job_id: str, suffix: str | None) -> str:
     """The fine_tuned_model name a job publishes: `ft-<suffix>-<job id tail>`."""
     tail = job_id.split("-", 1)[-1][:12].lower()

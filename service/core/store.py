@@ -628,8 +628,9 @@ class Store:
         """Idempotent for a given key (startup hashes TUNESERVE_API_KEYS in every process);
         a revoked key stays revoked; the same key for another tenant is a Conflict."""
         key = key if key is not None else "ts-" + secrets.token_urlsafe(32)
-        if not key:
-            raise InvalidInput("api key must not be empty", param="key")
+        if not key or len(key) > 512 or not all("!" <= ch <= "~" for ch in key):
+            # The API takes a key only as visible ASCII with nothing around it (deps.bearer_key).
+            raise InvalidInput("api key must be 1..512 visible ASCII characters, no whitespace", param="key")
         digest = hash_key(key)
         for _ in range(2):
             with self._read() as s:

@@ -5,7 +5,6 @@ package, at request time only."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query
@@ -23,7 +22,7 @@ from service.api.schemas import (
     unix,
 )
 from service.core.config import Settings
-from service.core.domain import NAME_PATTERN, DatasetSource, TrainingSpec, adapter_name_for_job
+from service.core.domain import DatasetSource, TrainingSpec, suffix_problem
 from service.core.errors import InvalidInput, NotFound, ServiceUnavailable, TuneserveError
 from service.core.store import Store
 
@@ -34,18 +33,10 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 MAX_METADATA_KEYS = 16
 
 
-def dataset_roots(settings: Settings) -> list[Path]:
-    """Where a job's `training_dataset.path` may point on this host (besides hub names)."""
-    roots = settings.dataset_roots
-    if roots:
-        return [Path(r).absolute() for r in roots]
-    return [(settings.data_dir / "datasets").absolute()]
-
-
 def _check_source(src: DatasetSource, settings: Settings, param: str, problems: list[dict[str, Any]]) -> None:
     from service.core.datasets import check_dataset_source  # pure, no torch
     try:
-        check_dataset_source(src, dataset_roots(settings), param=param)
+        check_dataset_source(src, settings.resolved_dataset_roots, param=param)
     except InvalidInput as exc:
         problems.append({"param": exc.param or param, "message": exc.message})
 
@@ -109,12 +100,8 @@ def validate_job(body: JobCreate, *, state, store: Store, settings: Settings, te
                 d = {**d, "param": "seed"}  # the client sent it at the top level
             problems.append(d)
 
-    if body.suffix is not None:
-        # The suffix becomes part of the adapter name, which must stay a strict name.
-        probe = adapter_name_for_job("ftjob-" + "0" * 24, body.suffix)
-        if not NAME_PATTERN.fullmatch(body.suffix) or ".." in body.suffix or not NAME_PATTERN.fullmatch(probe):
-            problems.append({"param": "suffix", "message": "suffix must be lowercase letters, digits, '-', '_' "
-                                                           "or '.', start alphanumeric, at most 45 characters"})
+    if body.suffix is not None and (why := suffix_problem(body.suffix)) is not None:
+        problems.append({"param": "suffix", "message": why})
     if body.metadata is not None:
         if len(body.metadata) > MAX_METADATA_KEYS:
             problems.append({"param": "metadata", "message": f"at most {MAX_METADATA_KEYS} keys"})
