@@ -229,12 +229,12 @@ class Reaper:
 
     # (b) ------------------------------------------------------------------------------
     def _resend_lost_queued(self, report: ReapReport) -> None:
-        queued = self.store.jobs_with_status([JobStatus.queued])
+        queued = self.store.job_ids_with_status([JobStatus.queued])
         now = self.clock()
-        live = {j.id for j in queued}
-        for jid in list(self._absent_since):
-            if jid not in live:
-                del self._absent_since[jid]
+        live = set(queued)
+        for gone in list(self._absent_since):
+            if gone not in live:
+                del self._absent_since[gone]
         if not queued:
             return
         grace = self.settings.requeue_grace_s
@@ -243,23 +243,23 @@ class Reaper:
         except Exception as exc:  # broker down: nothing can be re-sent now anyway
             report.errors.append(f"broker unreachable: {exc}")
             return
-        for job in queued:
-            if job.id in in_broker or job.id in report.requeued:
-                self._absent_since.pop(job.id, None)
+        for jid in queued:
+            if jid in in_broker or jid in report.requeued:
+                self._absent_since.pop(jid, None)
                 continue
-            first = self._absent_since.setdefault(job.id, now)
+            first = self._absent_since.setdefault(jid, now)
             if now - first < grace:
                 continue  # just created / just requeued: its message may be on its way
             try:
-                if not self.probe.try_lock(f"tuneserve:resend:{job.id}", grace):
+                if not self.probe.try_lock(f"tuneserve:resend:{jid}", grace):
                     continue  # another worker's reaper re-sends it
             except Exception as exc:
                 report.errors.append(f"broker unreachable: {exc}")
                 return
-            self.store.add_event(job.id, "the broker lost this queued job; sent again", level="warn")
-            self._send(job.id, report)
-            report.resent.append(job.id)
-            self._absent_since.pop(job.id, None)
+            self.store.add_event(jid, "the broker lost this queued job; sent again", level="warn")
+            self._send(jid, report)
+            report.resent.append(jid)
+            self._absent_since.pop(jid, None)
 
     def _send(self, job_id: str, report: ReapReport) -> None:
         try:
