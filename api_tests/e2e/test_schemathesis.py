@@ -1,8 +1,11 @@
 """Issue 6: schemathesis against the live deployment's /openapi.json (uvicorn serving
 create_app with the engine ON on the tiny demo model, so chat answers for real and no 503 has
 to be excused), authenticated with a bearer key. Bounded and reproducible: a fixed number of
-examples per operation and generation mode, derandomized, no example database. The property
-checked: no request the schema allows (positive) or forbids (negative) gets a 5xx."""
+examples per operation and generation mode, derandomized, no example database. Checked on every
+answer: no 5xx; the status is one the operation documents (status_code_conformance); and a
+request the schema allows (positive mode) is not refused with a 4xx other than the auth and
+not-found answers schemathesis accepts for valid data (positive_data_acceptance). Every failure of
+an operation is collected and reported together (no shrinking: the run stays bounded)."""
 from __future__ import annotations
 
 import time
@@ -11,6 +14,8 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
+from schemathesis.core.failures import FailureGroup
+from schemathesis.specs.openapi.checks import positive_data_acceptance, status_code_conformance
 
 from e2e_harness import AUTH_A
 
@@ -43,27 +48,101 @@ def live_schema(deployment):
     return schemathesis.openapi.from_url(f"{deployment.url}/openapi.json", config=config, timeout=30)
 
 
+@pytest.fixture(scope="module")
+def real_ids(deployment) -> dict[str, str]:
+    """Ids of real objects of tenant A: valid bodies name them, so the generated values of every
+    other field reach the validation behind them (a random file id is only a 400 about the id)."""
+    from e2e_harness import jsonl_bytes, sample_rows
+    c = deployment.client()
+    try:
+        file_id = c.upload(jsonl_bytes(sample_rows(4)))["id"]
+    finally:
+        c.close()
+    return {"file": file_id}
+
+
+def _point_at_real_objects(label: str, body, deployment, ids: dict[str, str]) -> None:
+    if not isinstance(body, dict):
+        return
+    if label in ("POST /v1/chat/completions", "POST /chat", "POST /v1/fine_tuning/jobs") and "model" in body:
+        # Random model names all answer 404 (or 400 for a job): the base model makes the engine /
+        # the job validation see the generated parameters themselves.
+        body["model"] = deployment.base_model
+    if label in ("POST /v1/chat/completions", "POST /chat"):
+        # The context limit counts tokens (a 400 context_length_exceeded past it), which no
+        # schema can state: keep prompt and answer well inside the test server's 256.
+        for key in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
+            if isinstance(body.get(key), (int, float)) and not isinstance(body.get(key), bool):
+                body[key] = min(int(body[key]), 8)
+        turns = body.get("messages") if isinstance(body.get("messages"), list) else body.get("history")
+        if isinstance(turns, list):
+            del turns[4:]
+            for turn in turns:
+                if isinstance(turn, list):  # /chat's [query, answer] pairs
+                    turn[:] = [t[:16] if isinstance(t, str) else t for t in turn]
+                elif isinstance(turn, dict) and isinstance(turn.get("content"), str):
+                    turn["content"] = turn["content"][:16]
+                elif isinstance(turn, dict) and isinstance(turn.get("content"), list):
+                    del turn["content"][2:]
+                    for part in turn["content"]:
+                        if isinstance(part, dict) and isinstance(part.get("text"), str):
+                            part["text"] = part["text"][:8]
+        for key in ("message", "prompt", "query", "system"):
+            if isinstance(body.get(key), str):
+                body[key] = body[key][:16]
+    if label == "POST /v1/fine_tuning/jobs":
+        for key in ("training_file", "validation_file"):
+            if body.get(key) is not None:
+                body[key] = ids["file"]
+    if label == "POST /v1/files" and "file" in body:
+        # The schema says binary; that every row is valid JSONL is checked past it.
+        from e2e_harness import jsonl_bytes, sample_rows
+        body["file"] = jsonl_bytes(sample_rows(2))
+
+
+# Operations whose valid-by-schema requests are still refused, each for a reason the spec does
+# not yet state (strict: the day one passes, the mark must go).
+KNOWN_REJECTIONS = {
+    "POST /v1/fine_tuning/jobs": "hyperparameters is a free-form object in the spec (keys and ranges are "
+                                 "TrainingSpec's), and 'exactly one of training_file / training_dataset' "
+                                 "and the dataset roots are not in it",
+    "GET /v1/files": "an `after` cursor naming no file is a 400, and any string is a valid cursor in the spec",
+    "GET /v1/fine_tuning/jobs": "an `after` cursor naming no job is a 400, and any string is a valid cursor "
+                                "in the spec",
+}
+
+
 @pytest.mark.parametrize(("label", "mode"), _cases(), ids=[f"{lbl} {m}" for lbl, m in _cases()])
-def test_no_5xx(live_schema, deployment, label, mode):
+def test_spec_conformance(live_schema, deployment, real_ids, label, mode, request):
+    if mode is GenerationMode.POSITIVE and label in KNOWN_REJECTIONS:
+        request.applymarker(pytest.mark.xfail(reason=KNOWN_REJECTIONS[label], strict=True))
     operation = live_schema.find_operation_by_label(label)
     assert operation is not None, f"{label} is not in the live /openapi.json"
-    seen: list[tuple[int, str]] = []
+    seen: list[int] = []
+    failures: list[str] = []
+    checks = [status_code_conformance] + ([positive_data_acceptance] if mode is GenerationMode.POSITIVE else [])
     t0 = time.monotonic()
 
     @settings(max_examples=MAX_EXAMPLES, derandomize=True, deadline=None, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
-        if label == "POST /v1/chat/completions" and mode is GenerationMode.POSITIVE and isinstance(case.body, dict):
-            # Random model names all answer 404; point valid bodies at the real base model so the
-            # engine itself sees the generated sampling parameters, stops, seeds and messages.
-            case.body["model"] = deployment.base_model
+        if mode is GenerationMode.POSITIVE:
+            _point_at_real_objects(label, case.body, deployment, real_ids)
         response = case.call(base_url=deployment.url, headers=dict(AUTH_A), timeout=60)
-        seen.append((response.status_code, case.as_curl_command(headers=dict(AUTH_A))))
-        assert response.status_code < 500, (f"{label} [{mode}] -> {response.status_code}: "
-                                            f"{response.text[:500]}\n{case.as_curl_command()}")
+        seen.append(response.status_code)
+        curl = case.as_curl_command(headers=dict(AUTH_A))
+        if response.status_code >= 500:
+            failures.append(f"{response.status_code}: {response.text[:500]}\n{curl}")
+            return
+        try:
+            case.validate_response(response, checks=checks)
+        except FailureGroup as exc:
+            failures.append(f"{response.status_code} {response.text[:300]}\n"
+                            + "\n".join(f"  {type(f).__name__}: {f.title}" for f in exc.exceptions) + f"\n{curl}")
 
     run()
     assert deployment.api.alive()
-    print(f"\n{label} [{mode}]: {len(seen)} requests, statuses {sorted({s for s, _ in seen})}, "
+    print(f"\n{label} [{mode}]: {len(seen)} requests, statuses {sorted(set(seen))}, "
           f"{time.monotonic() - t0:.1f} s")
+    assert not failures, f"{label} [{mode}]: {len(failures)} of {len(seen)} answers fail:\n" + "\n\n".join(failures)

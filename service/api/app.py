@@ -210,4 +210,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return HTMLResponse(_PLACEHOLDER)
 
     app.add_middleware(RequestContextMiddleware)
+    _document_errors_as_answered(app)
     return app
+
+
+def _document_errors_as_answered(app: FastAPI) -> None:
+    """FastAPI documents a 422 for every route with parameters; request validation errors leave
+    as 400 with our error body (service.api.errors), declared per route with `responses=`, so
+    the 422 and its schemas are dropped from the spec."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    if isinstance(op, dict):
+                        op.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -53,6 +53,44 @@ class ListResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------
+# Errors: the one body every 4xx/5xx carries (service.api.errors builds it)
+# ---------------------------------------------------------------------------------------
+class ErrorObject(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+    # When a request had several problems: each one, e.g. {"param", "message"} or, for an
+    # uploaded dataset, {"line", "field", "message"}.
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorObject
+
+
+_ERROR_WHY: dict[int, str] = {
+    400: "Invalid request: `error.param` names the field (and `error.details` every problem)",
+    401: "Missing, malformed or invalid API key",
+    404: "No such object (another tenant's objects answer 404 too)",
+    409: "The object's state does not allow this",
+    413: "Payload too large",
+    429: "Server busy: retry after `Retry-After` seconds",
+    500: "Internal error (logged on the server; no details in the answer)",
+    503: "A dependency (inference engine, training queue, database) is unavailable: retry later",
+    504: "The request timed out",
+}
+# What every authenticated route may answer besides its own codes.
+COMMON_ERRORS = (400, 401, 500, 503)
+
+
+def error_responses(*codes: int, common: bool = True) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` for these statuses (plus COMMON_ERRORS), each with the error body."""
+    wanted = sorted(set(codes) | (set(COMMON_ERRORS) if common else set()))
+    return {code: {"model": ErrorResponse, "description": _ERROR_WHY[code]} for code in wanted}
+
+
+# ---------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------
 class FilePublic(BaseModel):
@@ -441,6 +479,13 @@ class ChatMessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "observation"]
     content: str | list[ContentPart] | None = Field(default=None)
     name: str | None = None
+
+    # Only an assistant turn may leave content out (OpenAI: a tool-call turn); the rest is
+    # refused with 400 (serving_chat.to_domain_messages), so the spec says so.
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"role": {"not": {"const": "assistant"}}}},
+        "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+    })
 
 
 class StreamOptions(BaseModel):

@@ -15,10 +15,10 @@ from starlette.background import BackgroundTask
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
 from service.api.routes.models import _evict
-from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic
+from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, error_responses
 from service.core.errors import InvalidInput, NotFound, ServiceUnavailable
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses())
 
 
 def _not_found(name: str, version: int | None = None) -> NotFound:
@@ -38,19 +38,19 @@ def list_adapters(tenant: TenantDep, registry: RegistryDep) -> AdapterList:
     return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list(tenant)])
 
 
-@router.get("/{name}", response_model=AdapterPublic)
+@router.get("/{name}", response_model=AdapterPublic, responses=error_responses(404))
 def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
                 version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterPublic:
     return AdapterPublic.from_domain(_resolve(registry, tenant, name, version)[1])
 
 
-@router.get("/{name}/versions", response_model=AdapterList)
+@router.get("/{name}/versions", response_model=AdapterList, responses=error_responses(404))
 def list_adapter_versions(name: str, tenant: TenantDep, registry: RegistryDep) -> AdapterList:
     _resolve(registry, tenant, name, None)  # 404 (not 400) for names that cannot exist
     return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list_versions(tenant, name)])
 
 
-@router.delete("/{name}", response_model=AdapterDeleted)
+@router.delete("/{name}", response_model=AdapterDeleted, responses=error_responses(404, 409))
 def delete_adapter(name: str, tenant: TenantDep, registry: RegistryDep, state: StateDep,
                    version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterDeleted:
     try:
@@ -96,7 +96,7 @@ def _build_export(adapter_dir: Path, fmt: str, archive: str, stem: str) -> Path:
 
 
 @router.get("/{name}/export", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {}, "application/gzip": {}}}})
+            responses={200: {"content": {"application/zip": {}, "application/gzip": {}}}, **error_responses(404)})
 async def export_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
                          format: Literal["chatglm3", "peft"] = Query(default="chatglm3"),
                          archive: Literal["zip", "tar"] = Query(default="zip"),

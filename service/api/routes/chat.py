@@ -8,7 +8,14 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.api.deps import EngineDep, SettingsDep, StateDep, TenantDep
-from service.api.schemas import ChatCompletionCreate, ChatMessageIn, SimpleChatCreate, SimpleChatResponse, Usage
+from service.api.schemas import (
+    ChatCompletionCreate,
+    ChatMessageIn,
+    SimpleChatCreate,
+    SimpleChatResponse,
+    Usage,
+    error_responses,
+)
 from service.api.serving_chat import (
     completion_body,
     max_tokens_field,
@@ -22,13 +29,14 @@ from service.api.serving_chat import (
 from service.core.domain import BASE_ADAPTER, ChatMessage, GenerationRequest, SamplingParams
 from service.core.errors import TuneserveError
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], responses=error_responses())
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @router.post("/v1/chat/completions",
-             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}}})
+             responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                        **error_responses(404, 409, 429, 504)})
 async def chat_completions(body: ChatCompletionCreate, tenant: TenantDep, engine: EngineDep,
                            state: StateDep, settings: SettingsDep):
     adapter = await resolve_model(state, tenant, body.model)
@@ -74,7 +82,7 @@ def _history_messages(history) -> tuple[list[ChatMessageIn], bool]:
     return msgs, True
 
 
-@router.post("/chat", response_model=SimpleChatResponse)
+@router.post("/chat", response_model=SimpleChatResponse, responses=error_responses(404, 409, 429, 504))
 async def simple_chat(body: SimpleChatCreate, tenant: TenantDep, engine: EngineDep, state: StateDep,
                       settings: SettingsDep) -> SimpleChatResponse:
     adapter = await resolve_model(state, tenant, body.adapter or None, param="adapter")

@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from service.api.deps import SettingsDep, StateDep, StoreDep, TenantDep
-from service.api.schemas import FileDeleted, FileList, FilePublic
+from service.api.schemas import FileDeleted, FileList, FilePublic, error_responses
 from service.api.uploads import receive_upload
 from service.core.errors import InvalidInput, NotFound, TuneserveError
 from service.core.results import RESULTS_PURPOSE
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses())
 
 _UPLOAD_BODY = {
     "requestBody": {
@@ -37,7 +37,7 @@ _UPLOAD_BODY = {
 }
 
 
-@router.post("", response_model=FilePublic, openapi_extra=_UPLOAD_BODY,
+@router.post("", response_model=FilePublic, openapi_extra=_UPLOAD_BODY, responses=error_responses(413),
              summary="Upload a JSONL dataset (validated row by row while streaming)")
 async def create_file(request: Request, tenant: TenantDep, settings: SettingsDep, store: StoreDep,
                       state: StateDep) -> FilePublic:
@@ -68,12 +68,12 @@ def list_files(tenant: TenantDep, store: StoreDep,
     return FileList(data=[FilePublic.from_domain(f) for f in files[:limit]], has_more=len(files) > limit)
 
 
-@router.get("/{file_id}", response_model=FilePublic)
+@router.get("/{file_id}", response_model=FilePublic, responses=error_responses(404))
 def get_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FilePublic:
     return FilePublic.from_domain(store.get_file(file_id, tenant))
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=error_responses(404, 409))
 def delete_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FileDeleted:
     info = store.delete_file(file_id, tenant)
     Path(info.path).unlink(missing_ok=True)
@@ -81,7 +81,7 @@ def delete_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FileDeleted
 
 
 @router.get("/{file_id}/content", response_class=FileResponse,
-            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}}}})
+            responses={200: {"content": {"application/jsonl": {}, "text/csv": {}}}, **error_responses(404)})
 async def file_content(file_id: str, tenant: TenantDep, store: StoreDep) -> FileResponse:
     info = await to_thread.run_sync(store.get_file, file_id, tenant)
     path = Path(info.path)

@@ -10,12 +10,13 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import StateDep
 from service.api.metrics import CONTENT_TYPE
+from service.api.schemas import error_responses
 from service.core.errors import NotFound
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=error_responses(500, common=False))
 def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -27,7 +28,8 @@ def _db_ok(state) -> bool:
         return False
 
 
-@router.get("/readyz", responses={503: {"description": "a dependency is not ready"}})
+@router.get("/readyz", responses={503: {"description": "a dependency is not ready (same body, status not_ready)"},
+                                   **error_responses(500, common=False)})
 async def readyz(state: StateDep) -> JSONResponse:
     db = await to_thread.run_sync(_db_ok, state)
     broker = await to_thread.run_sync(state.queue.ping)
@@ -47,7 +49,8 @@ async def readyz(state: StateDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE: {}}}, **error_responses(404, 500, common=False)})
 async def metrics(state: StateDep) -> Response:
     if not state.settings.metrics_enabled:
         raise NotFound("metrics are disabled", code="not_found")

@@ -19,6 +19,7 @@ from service.api.schemas import (
     JobEventPublic,
     JobList,
     JobPublic,
+    error_responses,
     unix,
 )
 from service.core.config import Settings
@@ -28,7 +29,7 @@ from service.core.store import Store
 
 log = logging.getLogger("tuneserve.api.jobs")
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses())
 
 MAX_METADATA_KEYS = 16
 
@@ -152,19 +153,19 @@ def list_jobs(tenant: TenantDep, store: StoreDep,
     return JobList(data=[JobPublic.from_domain(j) for j in jobs], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404))
 def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_domain(store.get_job(job_id, tenant))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404, 409))
 def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     job = store.request_cancel(job_id, tenant)
     log.info("job cancel requested (status now %s)", job.status.value, extra={"job_id": job.id})
     return JobPublic.from_domain(job)
 
 
-@router.get("/{job_id}/events", response_model=JobEventList)
+@router.get("/{job_id}/events", response_model=JobEventList, responses=error_responses(404))
 def list_events(job_id: str, tenant: TenantDep, store: StoreDep,
                 after: str | None = Query(default=None, max_length=128),
                 limit: int = Query(default=20, ge=1, le=1000)) -> JobEventList:
@@ -184,7 +185,7 @@ def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
         step_number=step, metrics=metrics)
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=error_responses(404))
 def list_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep, settings: SettingsDep,
                      after: str | None = Query(default=None, max_length=128),
                      limit: int = Query(default=10, ge=1, le=100)) -> CheckpointList:

@@ -4,12 +4,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
-from service.api.schemas import ModelDeleted, ModelList, ModelPublic, unix
+from service.api.schemas import ModelDeleted, ModelList, ModelPublic, error_responses, unix
 from service.api.serving_chat import resolve_model
 from service.core.domain import BASE_ADAPTER, AdapterManifest
 from service.core.errors import InvalidInput, NotFound
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
 
 
 def _base(state) -> ModelPublic:
@@ -27,7 +27,7 @@ def list_models(tenant: TenantDep, registry: RegistryDep, state: StateDep) -> Mo
     return ModelList(data=[_base(state)] + [_adapter(m) for m in registry.list(tenant)])
 
 
-@router.get("/{model:path}", response_model=ModelPublic)
+@router.get("/{model:path}", response_model=ModelPublic, responses=error_responses(404))
 async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelPublic:
     # `:path` because hub ids ("THUDM/chatglm3-6b") contain a slash.
     if await resolve_model(state, tenant, model) == BASE_ADAPTER:
@@ -35,7 +35,7 @@ async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state:
     return _adapter(registry.resolve(tenant, model)[1])
 
 
-@router.delete("/{model:path}", response_model=ModelDeleted)
+@router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(404, 409))
 def delete_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelDeleted:
     if state.is_base_model(model):
         raise InvalidInput("the base model cannot be deleted", param="model")

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 
 from service.api.deps import TenantDep
 from service.api.schemas import (
+    ErrorResponse,
     WebhookDeliveryList,
     WebhookEndpointCreate,
     WebhookEndpointDeleted,
@@ -19,13 +20,15 @@ from service.api.schemas import (
     WebhookRotateSecret,
     WebhookTestCreate,
     WebhookTestResult,
+    error_responses,
 )
 from service.api.serving_webhooks import SUPPORTED_EVENT_TYPES, WebhooksDep
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=error_responses())
 
 PREFIX = "/v1/webhook_endpoints"
-_ERR = {"description": "OpenAI-shaped error: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}"}
+_ERR = {"model": ErrorResponse,
+        "description": "OpenAI-shaped error: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}"}
 _400: dict[int | str, dict[str, Any]] = {400: {**_ERR, "description": "invalid field (named in `param`), "
                                                                     "or `url` refused by the target policy"}}
 _401 = {401: {**_ERR, "description": "missing or invalid API key"}}
