@@ -109,6 +109,10 @@ KNOWN_REJECTIONS = {
     "GET /v1/files": "an `after` cursor naming no file is a 400, and any string is a valid cursor in the spec",
     "GET /v1/fine_tuning/jobs": "an `after` cursor naming no job is a 400, and any string is a valid cursor "
                                 "in the spec",
+    "GET /v1/webhook_endpoints": "an `after` cursor naming no endpoint is a 400, and any string is a valid "
+                                 "cursor in the spec",
+    "POST /v1/webhook_endpoints": "enabled_events is a list of any strings in the spec, not of the event "
+                                  "types the service sends",
 }
 
 
