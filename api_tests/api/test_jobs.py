@@ -243,3 +243,16 @@ def test_base_model_name_without_engine(make_settings):
         fid = upload_ok(c)
         assert create(c, model=fixture, training_file=fid).json()["model"] == "chatglm3-tiny"
         assert create(c, model="chatglm3-tiny", training_file=fid).status_code == 200
+
+
+def test_job_routes_import_no_torch_and_no_training_code():
+    """DESIGN.md: the API's job routes (checkpoint listing included) run without torch or
+    the training package; checked in a fresh interpreter, where nothing imported it before."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, service.api.routes.jobs, service.api.app; "
+             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers.training'))); "
+             "print(repr(bad))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

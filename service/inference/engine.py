@@ -179,26 +179,10 @@ class InferenceEngine:
         self.model_path = path
         self.tokenizer = models.load_tokenizer(path)
         model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
+        # The trainer's rules (targets, fingerprint), so what it trains is what this serves.
         self._setup_with(model, self.tokenizer, path, stop_ids=models.stop_token_ids(self.tokenizer),
-                         default_targets=self._default_targets(models, path),
-                         fingerprint=self._fingerprint(models, path))
-
-    @staticmethod
-    def _default_targets(models, path: Path):
-        targets = getattr(models, "DEFAULT_LORA_TARGETS", None)
-        if isinstance(targets, dict):
-            family = models.model_family(path)
-            return targets.get(family) or targets.get("default") or "all-linear"
-        return list(targets) if targets else "all-linear"
-
-    @staticmethod
-    def _fingerprint(models, path: Path) -> str | None:
-        # Only a fingerprint computed by the same function the trainer uses is comparable.
-        for name in ("base_model_fingerprint", "model_fingerprint", "fingerprint"):
-            fn = getattr(models, name, None)
-            if callable(fn):
-                return fn(path)
-        return None
+                         default_targets=models.default_lora_targets(models.model_family(path), model),
+                         fingerprint=models.base_model_fingerprint(path))
 
     def _setup_with(self, model, tokenizer, path: Path, *, stop_ids, default_targets,
                     fingerprint: str | None) -> None:
@@ -255,6 +239,11 @@ class InferenceEngine:
         self._cache.pin(lease.entry.key)
         lease.release()
 
+    def evict_adapter(self, tenant: str, name: str) -> None:
+        """Free a deleted adapter's memory now rather than when LRU pressure reaches it."""
+        if self._cache is not None:
+            self._cache.forget(tenant, name)
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -282,7 +271,9 @@ class InferenceEngine:
         GenerationStream for the final state (result, finish_reason, usage)."""
         return GenerationStream(self, req)
 
-    async def _admit_request(self, req: GenerationRequest) -> _Request:
+    async def admit(self, req: GenerationRequest) -> _Request:
+        """Queue `req` (rendered, adapter acquired); its events arrive on the returned
+        request's queue. GenerationStream is the consumer; raises the admission errors."""
         if not self.ready():
             raise ServiceUnavailable("inference engine is not ready" +
                                      (f": {self._failed}" if self._failed else ""))
@@ -352,7 +343,8 @@ class InferenceEngine:
         slots = max(1, self.settings.max_batch_size)
         return float(max(1, round(self._avg_request_s * (1 + self._pending / slots))))
 
-    def _cancel(self, r: _Request) -> None:
+    def cancel(self, r: _Request) -> None:
+        """Stop `r` (no-op once finished); the decode thread frees its slot next iteration."""
         if not r.finished:
             r.cancelled = True
             self._wake.set()

@@ -146,9 +146,6 @@ class DataPosition:
     epoch: int = 0
     index: int = 0  # next row of this epoch's permutation
 
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
 
 class StepSampler:
     """Yields the row indices of each optimizer step from a DataPosition, advancing it."""

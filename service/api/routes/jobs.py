@@ -1,7 +1,7 @@
 """/v1/fine_tuning/jobs. Thin: validate everything, commit the row, then enqueue the id.
 
-Nothing here imports torch: checkpoints are listed through a lazy import of the training
-package, at request time only."""
+Nothing here imports torch or the training code: checkpoints are listed through
+service.core.checkpoints, which reads their on-disk layout."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +22,7 @@ from service.api.schemas import (
     JobPublic,
     unix,
 )
+from service.core.checkpoints import list_checkpoints as list_job_checkpoints
 from service.core.config import Settings
 from service.core.domain import NAME_PATTERN, DatasetSource, TrainingSpec, adapter_name_for_job
 from service.core.errors import InvalidInput, NotFound, ServiceUnavailable, TuneserveError
@@ -187,7 +188,7 @@ def list_events(job_id: str, tenant: TenantDep, store: StoreDep,
 
 
 def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
-    """One entry of workers.training.list_checkpoints: step, created_at (unix s), loss, eval_loss, ..."""
+    """One entry of service.core.checkpoints.list_checkpoints: step, created_at (unix s), loss, eval_loss, ..."""
     step = int(item.get("step") or 0)
     created = item.get("created_at")
     metrics = CheckpointMetrics(step=float(step), train_loss=item.get("loss"), valid_loss=item.get("eval_loss"))
@@ -203,12 +204,7 @@ def list_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep, settings: 
                      limit: int = Query(default=10, ge=1, le=100)) -> CheckpointList:
     store.get_job(job_id, tenant)
     job_dir = settings.jobs_dir / job_id
-    items: list[Any] = []
-    if (job_dir / "checkpoints").is_dir():
-        # Lazy: the checkpoint module imports torch; the API pays that only here, only when
-        # the job has checkpoints on this host.
-        from workers.training.checkpoint import list_checkpoints as _list
-        items = list(_list(job_dir))
+    items = list_job_checkpoints(job_dir)
     data = sorted((_checkpoint_public(job_id, it) for it in items), key=lambda c: c.step_number, reverse=True)
     if after is not None:
         ids = [c.id for c in data]

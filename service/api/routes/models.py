@@ -43,16 +43,6 @@ def delete_model(model: str, tenant: TenantDep, registry: RegistryDep, state: St
         registry.delete(tenant, model)
     except (NotFound, InvalidInput):
         raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found") from None
-    _evict(state, tenant, model)
+    if state.engine is not None:  # frees its GPU/CPU copies now; the registry already refuses it
+        state.engine.evict_adapter(tenant, model)
     return ModelDeleted(id=model)
-
-
-def _evict(state, tenant: str, name: str) -> None:
-    """Tell the engine a deleted adapter is gone (if it offers that); it also re-checks the
-    registry on use, so this only frees memory early."""
-    evict = getattr(state.engine, "evict_adapter", None) if state.engine is not None else None
-    if callable(evict):
-        try:
-            evict(tenant, name)
-        except Exception:  # pragma: no cover
-            pass
