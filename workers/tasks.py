@@ -41,11 +41,11 @@ from service.core.domain import (
 )
 from service.core.errors import Cancelled, Conflict, InvalidInput, NotFound, TrainingError
 from service.core.results import discard_results_file, write_results_file
+from service.core.tasks import TRAIN_TASK
 from workers.reaper import owner_alive, worker_identity, worker_lost_error
 
 log = logging.getLogger("tuneserve.worker")
 
-TRAIN_TASK = "tuneserve.train"
 # Event types the store accepts: numbers for the loss curve are "metrics", the rest "message".
 _METRIC_KEYS = frozenset({"loss", "eval_loss", "step"})
 

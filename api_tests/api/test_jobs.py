@@ -245,14 +245,18 @@ def test_base_model_name_without_engine(make_settings):
         assert create(c, model="chatglm3-tiny", training_file=fid).status_code == 200
 
 
-def test_job_routes_import_no_torch_and_no_training_code():
-    """DESIGN.md: the API's job routes (checkpoint listing included) run without torch or
-    the training package; checked in a fresh interpreter, where nothing imported it before."""
+def test_job_routes_import_no_torch_and_no_training_code(tmp_path):
+    """DESIGN.md: the API's job routes, checkpoint listing included, run without torch or the
+    training package; checked in a fresh interpreter, where nothing imported them before."""
     import subprocess
     import sys
 
-    probe = ("import sys, service.api.routes.jobs, service.api.app; "
-             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers.training'))); "
-             "print(repr(bad))")
+    step = tmp_path / "job" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"step": 3, "loss": 1.0}))
+    probe = ("import sys, service.api.app, service.api.routes.jobs as jobs; "
+             f"items = jobs.list_job_checkpoints({str(tmp_path / 'job')!r}); "
+             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers.'))); "
+             "print([i['step'] for i in items], bad)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+    assert out.stdout.strip() == "[3] []", out.stdout

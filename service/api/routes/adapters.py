@@ -14,7 +14,6 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
-from service.api.routes.models import _evict
 from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic
 from service.core.errors import InvalidInput, NotFound, ServiceUnavailable
 
@@ -55,10 +54,9 @@ def delete_adapter(name: str, tenant: TenantDep, registry: RegistryDep, state: S
                    version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterDeleted:
     try:
         versions = [m.version for m in registry.list_versions(tenant, name)] if version is None else [version]
-        registry.delete(tenant, name, version)
+        state.delete_adapter(tenant, name, version)
     except (NotFound, InvalidInput):
         raise _not_found(name, version) from None
-    _evict(state, tenant, name)
     return AdapterDeleted(id=name, versions=versions)
 
 

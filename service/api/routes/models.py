@@ -36,13 +36,11 @@ async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state:
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted)
-def delete_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelDeleted:
+def delete_model(model: str, tenant: TenantDep, state: StateDep) -> ModelDeleted:
     if state.is_base_model(model):
         raise InvalidInput("the base model cannot be deleted", param="model")
     try:
-        registry.delete(tenant, model)
+        state.delete_adapter(tenant, model)
     except (NotFound, InvalidInput):
         raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found") from None
-    if state.engine is not None:  # frees its GPU/CPU copies now; the registry already refuses it
-        state.engine.evict_adapter(tenant, model)
     return ModelDeleted(id=model)
