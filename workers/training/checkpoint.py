@@ -2,7 +2,7 @@
 optimizer and scheduler states, every RNG state and the data position — everything a
 redelivered job needs to continue as if it had never stopped.
 
-A checkpoint is written into `checkpoints/.tmp-step-N-<pid>/`, fsynced, then renamed; only
+A checkpoint is written into a `checkpoints/.step-N.tmp-*/` dir, fsynced, then renamed; only
 directories named `step-N` that contain `state.json` (written last) count as complete, so a
 worker killed mid-write leaves nothing a resume could trust. The layout (and listing it)
 lives in service/core/checkpoints.py, which the API reads without torch.
@@ -10,7 +10,6 @@ lives in service/core/checkpoints.py, which the API reads without torch.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -20,19 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.core.atomic import atomic_dir
 from service.core.checkpoints import CHECKPOINTS, STATE, complete_checkpoints, complete_in, read_state
 
 __all__ = ["CHECKPOINTS", "STATE", "complete_checkpoints", "read_state", "save_checkpoint", "load_checkpoint",
            "remove_checkpoints", "rng_state", "set_rng_state", "get_lora_keys"]
 
 KEEP_LAST = 3
-
-
-def _fsync_dir_files(d: Path) -> None:
-    for f in d.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -55,25 +48,15 @@ def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, stat
                     keep_last: int = KEEP_LAST) -> Path:
     """Write step-N atomically; prune older complete checkpoints beyond `keep_last`."""
     root = Path(work_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # replace: a re-run of the same step (e.g. after a resume) supersedes it.
+    with atomic_dir(root / f"step-{step}", replace=True) as tmp:
         model.save_pretrained(str(tmp))  # adapter_config.json + adapter_model.safetensors
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         full = dict(state, step=step, created_at=time.time())
         (tmp / STATE).write_text(json.dumps(full, indent=1))
-        _fsync_dir_files(tmp)
-        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    final = root / f"step-{step}"
     for old in complete_in(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from service.core.atomic import atomic_dir
 from service.core.domain import JobProgress, TrainingSpec
 from service.core.errors import Cancelled, InvalidInput, TrainingError, TuneserveError
 from workers.training import checkpoint as ckpt
@@ -281,10 +282,8 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
                                    steps=state.step, metrics={}, manifest={})
 
     # --- save (tmp dir + rename: a half-written adapter is never visible) -------------------
-    tmp = work_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    os.replace(tmp, adapter_dir)
+    with atomic_dir(adapter_dir, replace=True) as tmp:
+        model.save_pretrained(str(tmp))
     throughput = {
         "train_seconds": round(train_s, 2), "steps_this_run": state.step - steps_before,
         "tokens_per_second": round((state.trained_tokens - tokens_before) / max(train_s, 1e-9), 1),

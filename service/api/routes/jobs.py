@@ -127,8 +127,7 @@ def validate_job(body: JobCreate, *, state, store: Store, settings: Settings, te
         problems.append({"param": "integrations", "message": "integrations are not supported"})
 
     if problems:
-        raise InvalidInput("; ".join(f"{p['param']}: {p['message']}" for p in problems),
-                           param=problems[0]["param"], details=problems)
+        raise InvalidInput.from_problems(problems)
     assert spec is not None
     return spec
 
