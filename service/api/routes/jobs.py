@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from service.api.deps import QueueDep, SettingsDep, StateDep, StoreDep, TenantDep
+from service.api.paging import page_after
 from service.api.schemas import (
     CheckpointList,
     CheckpointMetrics,
@@ -205,11 +206,6 @@ def list_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep, settings: 
     job_dir = settings.jobs_dir / job_id
     items = list_job_checkpoints(job_dir)
     data = sorted((_checkpoint_public(job_id, it) for it in items), key=lambda c: c.step_number, reverse=True)
-    if after is not None:
-        ids = [c.id for c in data]
-        if after not in ids:
-            raise InvalidInput(f"after: no checkpoint {after!r}", param="after")
-        data = data[ids.index(after) + 1:]
-    page = data[:limit]
-    return CheckpointList(data=page, has_more=len(data) > limit,
+    page, has_more = page_after(data, after, limit, what="checkpoint")
+    return CheckpointList(data=page, has_more=has_more,
                           first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
