@@ -459,32 +459,18 @@ def _extract_tar(blob: bytes, out: Path) -> None:
 
 
 def _export_local(name: str, out: Path, fmt: str, tenant: str, version: int | None) -> None:
-    import shutil
-
     from service.core.errors import TuneserveError
-    settings = _settings()
+    from service.core.export import check_export_format, export_adapter
+    from service.core.registry import AdapterRegistry
     try:
-        adapter_dir = _registry_path(settings, tenant, name, version)
-        if fmt == "chatglm3":
-            from service.models.export import export_adapter_chatglm3
-            export_adapter_chatglm3(adapter_dir, out)
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            for f in adapter_dir.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, out / f.name)
+        registry = AdapterRegistry(_settings().resolved_registry_dir)
+        adapter_dir, manifest = registry.resolve(tenant, name, version)
+        check_export_format(fmt, manifest)
+        registry.verify(adapter_dir, manifest)  # the files match the manifest's sha256
+        export_adapter(Path(adapter_dir), manifest, fmt, out)
     except TuneserveError as exc:
         raise _fail(exc.message)
-    console.print(f"[green]exported[/] {tenant}/{name} v{adapter_dir.name} ({fmt}) -> {out}")
-
-
-def _registry_path(settings, tenant: str, name: str, version: int | None) -> Path:
-    """The adapter's version directory, its files checked against the manifest's sha256."""
-    from service.core.registry import AdapterRegistry
-    registry = AdapterRegistry(settings.resolved_registry_dir)
-    path, manifest = registry.resolve(tenant, name, version)
-    registry.verify(path, manifest)
-    return Path(path)
+    console.print(f"[green]exported[/] {tenant}/{name} v{manifest.version} ({fmt}) -> {out}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from service.cli_client import API_KEY_FILE
+from service.core import identity
 from service.core.config import CHATGLM3_HUB_ID, Settings
 
 DEMO_BANNER = ("SMOKE-TEST DEMO MODEL: tiny random weights, answers are gibberish; "
@@ -64,11 +65,11 @@ def choose_base_model(settings: Settings, *, has_cuda: bool | None = None) -> Ba
         return BaseModelChoice(settings.base_model, "TUNESERVE_BASE_MODEL")
     if has_cuda if has_cuda is not None else cuda_available():
         return BaseModelChoice(CHATGLM3_HUB_ID, "a CUDA GPU is present")
-    demo_dir = settings.models_dir / "demo"
-    if not (demo_dir / "config.json").exists():
+    demo = identity.demo_dir(settings)
+    if not (demo / "config.json").exists():
         from service.models import build_demo_model
-        demo_dir = Path(build_demo_model(demo_dir))
-    return BaseModelChoice(str(demo_dir.absolute()), "no CUDA GPU and no TUNESERVE_BASE_MODEL", demo=True)
+        demo = Path(build_demo_model(demo))
+    return BaseModelChoice(str(demo.absolute()), "no CUDA GPU and no TUNESERVE_BASE_MODEL", demo=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,10 +35,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from service.core.tasks import TRAIN_TASK
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuneserve_request_id", default=None)
 job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuneserve_job_id", default=None)
 
-TRAIN_TASK = "tuneserve.train"
 # Attributes every LogRecord has; anything else on a record is an `extra` worth keeping.
 # (uvicorn's `color_message` is its message again with ANSI colours.)
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {

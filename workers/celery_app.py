@@ -34,10 +34,11 @@ import logging
 from celery import Celery, signals
 
 from service.core.config import Settings, get_settings
+from service.core.tasks import TRAIN_TASK
+from service.core.tasks import send_train as _send_train
 
 log = logging.getLogger("tuneserve.worker")
 
-TRAIN_TASK = "tuneserve.train"
 
 
 def transport_options(settings: Settings) -> dict:
@@ -88,8 +89,8 @@ def make_celery(settings: Settings | None = None, *, name: str = "tuneserve") ->
 
 
 def send_train(app: Celery, settings: Settings, job_id: str) -> None:
-    """Send train(job_id) by name; the task id is the job id (as the API sends it)."""
-    app.send_task(TRAIN_TASK, args=[job_id], queue=settings.task_queue, task_id=job_id, retry=True)
+    """Send train(job_id) on this worker's queue (service.core.tasks, as the API sends it)."""
+    _send_train(app, settings.task_queue, job_id)
 
 
 # --- the reaper thread lives and dies with the worker ------------------------------------

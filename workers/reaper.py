@@ -34,10 +34,10 @@ from datetime import datetime, timezone
 from service.core.config import Settings
 from service.core.domain import Job, JobError, JobErrorCode, JobStatus
 from service.core.errors import Conflict, NotFound
+from service.core.tasks import TRAIN_TASK
 
 log = logging.getLogger("tuneserve.reaper")
 
-TRAIN_TASK = "tuneserve.train"
 # kombu's redis transport: queue `q` at priority p > 0 lives in the list `q + SEP + str(p)`.
 _KOMBU_SEP = "\x06\x16"
 _KOMBU_PRIORITIES = (3, 6, 9)

@@ -29,7 +29,7 @@ from typing import Any
 
 from celery import shared_task
 
-from service.core.config import DEMO_MODEL_NAME, Settings, get_settings
+from service.core.config import Settings, get_settings
 from service.core.domain import (
     FINAL_STATES,
     Job,
@@ -40,12 +40,13 @@ from service.core.domain import (
     adapter_name_for_job,
 )
 from service.core.errors import Cancelled, Conflict, InvalidInput, NotFound, TrainingError
+from service.core.identity import load_ref, public_id
 from service.core.results import discard_results_file, write_results_file
+from service.core.tasks import TRAIN_TASK
 from workers.reaper import owner_alive, worker_identity, worker_lost_error
 
 log = logging.getLogger("tuneserve.worker")
 
-TRAIN_TASK = "tuneserve.train"
 # Event types the store accepts: numbers for the loss curve are "metrics", the rest "message".
 _METRIC_KEYS = frozenset({"loss", "eval_loss", "step"})
 
@@ -232,17 +233,11 @@ def load_training_data(store, job: Job, settings: Settings) -> tuple[list, list 
 
 
 def base_model_ref(job: Job, settings: Settings) -> str:
-    """What to load. The service has one shared base: the worker's TUNESERVE_BASE_MODEL (hub id
-    or local dir) when set; `job.model` is then only its display name. Without it, the job's
-    model as given, the demo model's name meaning the locally built one (`make run`'s choice)."""
-    if settings.base_model:
-        return settings.base_model
-    if job.model == DEMO_MODEL_NAME:
-        return str(settings.models_dir / "demo")
-    return job.model
+    """What to load for this job (service.core.identity's rule)."""
+    return load_ref(job.model, settings)
 
 
-def _manifest_fields(outcome, job: Job) -> dict[str, Any]:
+def _manifest_fields(outcome, job: Job, settings: Settings) -> dict[str, Any]:
     """What the registry's manifest needs from a TrainingOutcome (plus the job's identity)."""
     fields = dict(getattr(outcome, "manifest", None) or {})
     for key in ("base_model", "base_model_fingerprint", "model_family", "target_modules", "r",
@@ -250,6 +245,8 @@ def _manifest_fields(outcome, job: Job) -> dict[str, Any]:
         if key not in fields and hasattr(outcome, key):
             fields[key] = getattr(outcome, key)
     fields.setdefault("base_model", job.model)
+    # The name clients use for the base, never this host's path to it.
+    fields["base_model"] = public_id(fields["base_model"], settings)
     fields.setdefault("training", {})
     fields["training"] = {"spec": job.spec.model_dump(mode="json"),
                           "trained_tokens": getattr(outcome, "trained_tokens", None), **fields["training"]}
@@ -270,7 +267,7 @@ def publish_adapter(settings: Settings, job: Job, outcome):
             log.info("job %s: adapter %s v%d already published by an earlier run", job.id, name, manifest.version)
             return manifest
     return registry.publish(tenant=job.tenant, name=name, source_dir=Path(outcome.adapter_dir),
-                            manifest=_manifest_fields(outcome, job))
+                            manifest=_manifest_fields(outcome, job, settings))
 
 
 def _remove_unpublished(path: Path | None) -> None:

@@ -286,3 +286,19 @@ def test_export_chatglm3_layout(client, adapter):
     members = [m.name for m in tarfile.open(fileobj=io.BytesIO(r.content))]
     assert all(m.startswith(f"{adapter}-v1-chatglm3") for m in members)
     assert_error(client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_B), 404)
+
+
+def test_export_chatglm3_refused_for_another_family(engine_app, client, adapter, base_name):
+    """The ChatGLM3 key mapping would also take a Llama adapter's q/k/v names; the manifest's
+    family decides, before any file is read or written."""
+    app, _client, _settings = engine_app
+    registry = app.state.tuneserve.registry
+    src, _ = registry.resolve("alice", adapter)
+    registry.publish(tenant="alice", name="ft-llama-like", source_dir=Path(src), manifest={
+        "base_model": "meta-llama/Llama-3.2-1B", "model_family": "llama", "target_modules": TARGETS,
+        "r": 4, "lora_alpha": 8.0})
+    err = assert_error(client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A,
+                                  params={"format": "chatglm3"}), 400, param="format", code="unsupported_format")
+    assert "chatglm3" in err["message"] and "llama" in err["message"]
+    r = client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A, params={"format": "peft"})
+    assert r.status_code == 200

@@ -272,3 +272,20 @@ def test_dataset_path_errors_are_400s_naming_the_field(client, settings, tmp_pat
             assert f"{field}.path" in [d["param"] for d in err["details"]], err
             assert "SECRET_TOKEN" not in json.dumps(err)
     assert jobs_in_store(client) == 0 and queue_len() == 0
+
+
+def test_job_routes_import_no_torch_and_no_training_code(tmp_path):
+    """DESIGN.md: the API's job routes, checkpoint listing included, run without torch or the
+    training package; checked in a fresh interpreter, where nothing imported them before."""
+    import subprocess
+    import sys
+
+    step = tmp_path / "job" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"step": 3, "loss": 1.0}))
+    probe = ("import sys, service.api.app, service.api.routes.jobs as jobs; "
+             f"items = jobs.list_job_checkpoints({str(tmp_path / 'job')!r}); "
+             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'workers.'))); "
+             "print([i['step'] for i in items], bad)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[3] []", out.stdout

@@ -229,3 +229,20 @@ def test_preload_pins_adapters(tmp_path_factory, registry):
         assert {n for n, _ in _resident(engine)} == {"a", "c"}
     finally:
         run(engine.stop())
+
+
+def test_deleted_adapter_leaves_the_gpu(engine, registry, base_fp32):
+    publish(registry, base_fp32, tenant="t1", name="doomed", seed=41)
+    _answer(engine, "doomed")
+    assert "doomed" in {n for n, _ in _resident(engine)}
+    used = engine.stats()["adapters"]["gpu_bytes_used"]
+    registry.delete("t1", "doomed")
+    engine.evict_adapter("t1", "doomed")
+    # The decode thread frees columns at the start of each iteration; the iteration that
+    # serves this request has run after the delete was marked.
+    _answer(engine, "__base__")
+    st = engine.stats()["adapters"]
+    assert "doomed" not in {n for n, _ in _resident(engine)}
+    assert st["gpu_bytes_used"] == used - 4 * BYTES_PER_RANK
+    with pytest.raises(NotFound):
+        _answer(engine, "doomed")

@@ -23,9 +23,10 @@ from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
 from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
 from service.api.uploads import clean_stale_parts
-from service.core.config import DEMO_MODEL_NAME, Settings, get_settings
+from service.core.config import Settings, get_settings
 from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
+from service.core.identity import BaseModelIdentity
 from service.core.registry import AdapterRegistry
 from service.core.store import Store
 from service.logging import log_context
@@ -38,27 +39,12 @@ _PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>tunese
 <body><h1>tuneserve</h1><p>The dashboard is not installed. API: <a href="/docs">/docs</a></p></body></html>"""
 
 
-def _public_name(settings: Settings) -> str:
-    """The engine's naming rule (InferenceEngine._public_name) without importing torch: the
-    hub id, DEMO_MODEL_NAME for the demo model, else a local directory's last component.
-    With an empty TUNESERVE_BASE_MODEL the engine decides by CUDA; here (engine off) the
-    demo name is used, as on a CPU host."""
-    raw = settings.base_model
-    if not raw:
-        return DEMO_MODEL_NAME
-    path = Path(raw).expanduser()
-    if path.absolute() == (settings.models_dir / "demo").absolute():
-        return DEMO_MODEL_NAME
-    return path.name if path.is_dir() and path.name else raw
-
-
 def base_model_names(settings: Settings, engine: Any | None) -> tuple[str, frozenset[str]]:
-    """(the name the service reports, other names clients may use for it). The engine's name
-    wins when it runs; the raw TUNESERVE_BASE_MODEL value (hub id or local path) is accepted
-    too."""
-    primary = (getattr(engine, "base_model_name", None) if engine is not None else None) or _public_name(settings)
-    names = {settings.base_model, _public_name(settings)} - {"", primary}
-    return primary, frozenset(names)
+    """(the name the service reports, other names clients may use for it): the engine's
+    identity when it runs, else the same rule applied to TUNESERVE_BASE_MODEL (an empty one
+    meaning the demo model, as on a CPU host)."""
+    identity = getattr(engine, "identity", None) or BaseModelIdentity.of(settings.base_model, settings)
+    return identity.public_id, identity.aliases
 
 
 def _register_settings_keys(store: Store, settings: Settings) -> None:

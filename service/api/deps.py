@@ -40,6 +40,13 @@ class AppState:
     def is_base_model(self, name: str | None) -> bool:
         return bool(name) and (name == self.base_model_name or name in self.base_model_aliases)
 
+    def delete_adapter(self, tenant: str, name: str, version: int | None = None) -> None:
+        """Delete from the registry (the truth; NotFound/InvalidInput raise), then free the
+        engine's copies now rather than when LRU pressure reaches them."""
+        self.registry.delete(tenant, name, version)
+        if self.engine is not None:
+            self.engine.evict_adapter(tenant, name)
+
 
 # The accessors below are `async def` on purpose: they do no I/O, and FastAPI runs every sync
 # dependency in the threadpool, so as plain functions each cost a thread round trip per request

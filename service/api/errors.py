@@ -78,8 +78,7 @@ def validation_error(exc: RequestValidationError) -> InvalidInput:
         details.append({"param": param, "message": msg})
     if not details:  # pragma: no cover - FastAPI always fills errors
         return InvalidInput("invalid request", param=None)
-    message = "; ".join(f"{d['param']}: {d['message']}" for d in details)
-    return InvalidInput(message, param=details[0]["param"], details=details)
+    return InvalidInput.from_problems(details)
 
 
 def install_error_handlers(app: FastAPI) -> None:

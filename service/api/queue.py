@@ -8,10 +8,10 @@ from celery import Celery
 
 from service.core.config import Settings
 from service.core.errors import ServiceUnavailable
+from service.core.tasks import send_train
 
 log = logging.getLogger("tuneserve.api.queue")
 
-TRAIN_TASK = "tuneserve.train"
 
 
 class JobQueue:
@@ -34,8 +34,7 @@ class JobQueue:
     def enqueue(self, job_id: str) -> None:
         """Send train(job_id). Raises ServiceUnavailable when the broker does not take it."""
         try:
-            self._celery.send_task(TRAIN_TASK, args=[job_id], queue=self.queue_name,
-                                   task_id=job_id, retry=True)
+            send_train(self._celery, self.queue_name, job_id)
         except Exception as exc:  # kombu/redis raise a zoo of types for "broker unreachable"
             log.warning("could not enqueue %s: %s", job_id, exc)
             raise ServiceUnavailable("the job queue is unavailable; retry later",

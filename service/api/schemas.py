@@ -9,7 +9,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from service.core.domain import (
     BASE_LEARNING_RATE,
@@ -167,14 +167,12 @@ class OpenAIHyperparameters(BaseModel):
     learning_rate_multiplier: float | Literal["auto"] | None = None
 
 
-class JobErrorPublic(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
+class JobErrorPublic(JobError):
+    """The domain's JobError as is (OpenAI's job.error has the same three fields)."""
 
     @classmethod
     def from_domain(cls, e: JobError) -> "JobErrorPublic":
-        return cls(code=e.code, message=e.message, param=e.param)
+        return cls.model_validate(e.model_dump())
 
 
 class JobPublic(BaseModel):
@@ -306,29 +304,27 @@ class ModelDeleted(BaseModel):
     deleted: bool = True
 
 
-class AdapterPublic(BaseModel):
-    """A registry manifest minus the tenant."""
+# What a client sees of a manifest: all but the tenant (implied by the key), the fingerprint
+# (a server-side check) and created_at (re-typed as unix seconds below).
+_ADAPTER_PUBLIC_FIELDS = ("name", "version", "base_model", "model_family", "target_modules", "r", "lora_alpha",
+                          "job_id", "files", "training", "metrics")
+
+
+class _AdapterPublicBase(BaseModel):
     id: str
     object: Literal["adapter"] = "adapter"
-    name: str
-    version: int
-    base_model: str
-    model_family: str | None = None
-    target_modules: list[str]
-    r: int
-    lora_alpha: float
-    job_id: str | None = None
     created_at: int
-    files: dict[str, str] = Field(default_factory=dict)
-    training: dict[str, Any] = Field(default_factory=dict)
-    metrics: dict[str, Any] = Field(default_factory=dict)
 
     @classmethod
     def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
-        return cls(id=m.model_id, name=m.name, version=m.version, base_model=m.base_model,
-                   model_family=m.model_family, target_modules=m.target_modules, r=m.r,
-                   lora_alpha=m.lora_alpha, job_id=m.job_id, created_at=unix(m.created_at),
-                   files=m.files, training=m.training, metrics=m.metrics)
+        return cls(id=m.model_id, created_at=unix(m.created_at), **m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS)))
+
+
+# The manifest's own field definitions (types, defaults), so the two cannot drift apart.
+AdapterPublic = create_model(
+    "AdapterPublic", __base__=_AdapterPublicBase, __doc__="A registry manifest minus the tenant.",
+    **{f: (AdapterManifest.model_fields[f].annotation, AdapterManifest.model_fields[f])
+       for f in _ADAPTER_PUBLIC_FIELDS})
 
 
 class AdapterList(ListResponse):

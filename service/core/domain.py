@@ -197,8 +197,7 @@ class TrainingSpec(BaseModel):
                                  "message": err["msg"]})
             spec = None
         if problems:
-            raise InvalidInput("; ".join(f"{p['param']}: {p['message']}" for p in problems),
-                               param=problems[0]["param"], details=problems)
+            raise InvalidInput.from_problems(problems)
         assert spec is not None
         return spec
 

@@ -33,6 +33,13 @@ class InvalidInput(TuneserveError):
     type = "invalid_request_error"
     code = "invalid_value"
 
+    @classmethod
+    def from_problems(cls, problems: list[dict[str, Any]]) -> "InvalidInput":
+        """One error listing every problem ({"param", "message"} each, at least one); `param`
+        is the first one's, so a client that reads only `param` still gets a field."""
+        message = "; ".join(f"{p['param']}: {p['message']}" for p in problems)
+        return cls(message, param=problems[0]["param"], details=problems)
+
 
 class Unauthorized(TuneserveError):
     status_code = 401

@@ -177,6 +177,20 @@ class AdapterCache:
         if wake:
             self._wake()
 
+    def forget(self, tenant: str, name: str) -> None:
+        """A deleted adapter: drop its CPU copies and mark its GPU copies stale (unpinned), so
+        the decode thread frees their columns at its next iteration, or when the last request
+        holding one ends. Requests after the delete fail in the registry (NotFound)."""
+        with self._lock:
+            for key in [k for k in self._cpu if k[:2] == (tenant, name)]:
+                del self._cpu[key]
+            held = [e for e in self._gpu.values() if e.key[:2] == (tenant, name)]
+            for entry in held:
+                entry.stale = True
+                entry.pinned = False
+        if held:
+            self._wake()
+
     def pin(self, key: AdapterKey) -> None:
         with self._lock:
             if key in self._gpu:

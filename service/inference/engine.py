@@ -40,9 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from service.core.config import CHATGLM3_HUB_ID, DEMO_MODEL_NAME, Settings
+from service.core.config import Settings
 from service.core.domain import BASE_ADAPTER, GenerationRequest, GenerationResult, SamplingParams
 from service.core.errors import InvalidInput, QueueFull, ServiceUnavailable
+from service.core.identity import BaseModelIdentity, chosen_ref
+from service.core.identity import demo_dir as identity_demo_dir
 from service.inference.adapters import AdapterCache, AdapterLease, BaseIdentity
 from service.inference.streaming import END, ERROR, TOKEN, GenerationStream
 
@@ -70,6 +72,12 @@ class _Request:
     n_launched: int = 0   # tokens whose computation was launched (>= n_generated)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _resolve_device(device: str | None) -> str:
     import torch
 
@@ -92,7 +100,8 @@ class InferenceEngine:
         self._ref = base_model_ref if base_model_ref is not None else settings.base_model
         self._device_pref = device or settings.device
         self._lora_targets = lora_targets
-        self.base_model_name: str = self._public_name(self._ref)
+        self.identity = BaseModelIdentity.of(self._ref or chosen_ref(settings, has_cuda=_has_cuda()), settings)
+        self.base_model_name: str = self.identity.public_id
         self.device: str | None = None
         self.model_path: Path | None = None
         self.tokenizer = None
@@ -123,32 +132,14 @@ class InferenceEngine:
         self._step_no = 0
         self.counters = collections.Counter()
 
-    def _demo_dir(self) -> Path:
-        return (self.settings.models_dir / "demo").absolute()
-
-    def _public_name(self, ref: str) -> str:
-        """The name clients use for the base: the hub id, DEMO_MODEL_NAME for the demo model,
-        else a local directory's last component."""
-        if not ref:
-            import torch
-            return CHATGLM3_HUB_ID if torch.cuda.is_available() else DEMO_MODEL_NAME
-        path = Path(ref).expanduser()
-        if path.absolute() == self._demo_dir():
-            return DEMO_MODEL_NAME
-        return path.name if path.is_dir() and path.name else ref
-
-    def _auto_ref(self) -> str:
-        """DESIGN.md's rule for an empty TUNESERVE_BASE_MODEL (as the launcher applies it)."""
-        if self._ref:
-            return self._ref
-        import torch
-        if torch.cuda.is_available():
-            return CHATGLM3_HUB_ID
-        demo = self._demo_dir()
-        if not (demo / "config.json").exists():
+    def _load_ref(self) -> str:
+        """The identity's ref; the demo model is built on first use (as the launcher does)."""
+        ref = self.identity.ref
+        demo = identity_demo_dir(self.settings)
+        if Path(ref).absolute() == demo and not (demo / "config.json").exists():
             from service.models import build_demo_model
-            demo = Path(build_demo_model(demo))
-        return str(demo)
+            ref = str(build_demo_model(demo))
+        return ref
 
     # ----------------------------------------------------------------------------------
     # lifecycle
@@ -175,30 +166,14 @@ class InferenceEngine:
 
         self.device = _resolve_device(self._device_pref)
         settings = self.settings
-        path = Path(models.resolve_base_model(self._auto_ref(), settings.models_dir))
+        path = Path(models.resolve_base_model(self._load_ref(), settings.models_dir))
         self.model_path = path
         self.tokenizer = models.load_tokenizer(path)
         model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
+        # The trainer's rules (targets, fingerprint), so what it trains is what this serves.
         self._setup_with(model, self.tokenizer, path, stop_ids=models.stop_token_ids(self.tokenizer),
-                         default_targets=self._default_targets(models, path),
-                         fingerprint=self._fingerprint(models, path))
-
-    @staticmethod
-    def _default_targets(models, path: Path):
-        targets = getattr(models, "DEFAULT_LORA_TARGETS", None)
-        if isinstance(targets, dict):
-            family = models.model_family(path)
-            return targets.get(family) or targets.get("default") or "all-linear"
-        return list(targets) if targets else "all-linear"
-
-    @staticmethod
-    def _fingerprint(models, path: Path) -> str | None:
-        # Only a fingerprint computed by the same function the trainer uses is comparable.
-        for name in ("base_model_fingerprint", "model_fingerprint", "fingerprint"):
-            fn = getattr(models, name, None)
-            if callable(fn):
-                return fn(path)
-        return None
+                         default_targets=models.default_lora_targets(models.model_family(path), model),
+                         fingerprint=models.base_model_fingerprint(path))
 
     def _setup_with(self, model, tokenizer, path: Path, *, stop_ids, default_targets,
                     fingerprint: str | None) -> None:
@@ -227,10 +202,9 @@ class InferenceEngine:
         self._free = list(range(settings.max_batch_size))
         heapq.heapify(self._free)
         served = {n.rsplit(".", 1)[-1] for n in runner.wrapped}
-        names = {self.base_model_name, self._ref, Path(self._ref).name if self._ref else "",
-                 str(path), Path(path).name, str(getattr(model.config, "_name_or_path", "") or "")}
-        if self.base_model_name == DEMO_MODEL_NAME:
-            names.add(str(self._demo_dir()))
+        # Older manifests recorded the raw ref (maybe a path): its spellings still match.
+        names = set(self.identity.names) | {Path(self.identity.ref).name, str(path), Path(path).name,
+                                            str(getattr(model.config, "_name_or_path", "") or "")}
         identity = BaseIdentity(names, fingerprint, served)
         self._cache = AdapterCache(
             self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,
@@ -255,6 +229,11 @@ class InferenceEngine:
         self._cache.pin(lease.entry.key)
         lease.release()
 
+    def evict_adapter(self, tenant: str, name: str) -> None:
+        """Free a deleted adapter's memory now rather than when LRU pressure reaches it."""
+        if self._cache is not None:
+            self._cache.forget(tenant, name)
+
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
@@ -273,7 +252,7 @@ class InferenceEngine:
     # front end
     # ----------------------------------------------------------------------------------
     def _is_base(self, adapter: str | None) -> bool:
-        return not adapter or adapter in (BASE_ADAPTER, self.base_model_name, self._ref)
+        return self.identity.is_base(adapter)
 
     def stream(self, req: GenerationRequest) -> GenerationStream:
         """The request as a stream of text deltas. `await engine.stream(req)` admits it at
@@ -282,7 +261,9 @@ class InferenceEngine:
         GenerationStream for the final state (result, finish_reason, usage)."""
         return GenerationStream(self, req)
 
-    async def _admit_request(self, req: GenerationRequest) -> _Request:
+    async def admit(self, req: GenerationRequest) -> _Request:
+        """Queue `req` (rendered, adapter acquired); its events arrive on the returned
+        request's queue. GenerationStream is the consumer; raises the admission errors."""
         if not self.ready():
             raise ServiceUnavailable("inference engine is not ready" +
                                      (f": {self._failed}" if self._failed else ""))
@@ -352,7 +333,8 @@ class InferenceEngine:
         slots = max(1, self.settings.max_batch_size)
         return float(max(1, round(self._avg_request_s * (1 + self._pending / slots))))
 
-    def _cancel(self, r: _Request) -> None:
+    def cancel(self, r: _Request) -> None:
+        """Stop `r` (no-op once finished); the decode thread frees its slot next iteration."""
         if not r.finished:
             r.cancelled = True
             self._wake.set()

@@ -149,14 +149,14 @@ class GenerationStream:
             if self._done:
                 raise RuntimeError("stream was closed before it was admitted")
             if self._admitting is None:
-                self._admitting = asyncio.ensure_future(self._engine._admit_request(self.request))
+                self._admitting = asyncio.ensure_future(self._engine.admit(self.request))
             req = await asyncio.shield(self._admitting)
             if self._req is None:
                 self._req = req
                 self._text = TextTracker(self._engine.tokenizer, req.params.stop,
                                          chatglm3_reply=self._engine.chatglm3_replies)
                 if self._done:  # closed while admission was under way
-                    self._engine._cancel(req)
+                    self._engine.cancel(req)
         return self
 
     def __await__(self):
@@ -241,7 +241,7 @@ class GenerationStream:
                 delta = self._text.push(event[1])
                 if self._text.stopped:
                     self._finish("stop")
-                    self._engine._cancel(self._req)  # free the slot; we have what we need
+                    self._engine.cancel(self._req)  # free the slot; we have what we need
                 if delta:
                     return delta
             elif kind == END:
@@ -271,7 +271,7 @@ class GenerationStream:
         if not self._done:
             self._finish("cancelled")
             if self._req is not None:
-                self._engine._cancel(self._req)
+                self._engine.cancel(self._req)
 
     async def aclose(self) -> None:
         self._abort()
@@ -285,6 +285,6 @@ class GenerationStream:
     def __del__(self):  # a stream dropped without being finished must not hold a slot
         if not getattr(self, "_done", True) and getattr(self, "_req", None) is not None:
             try:
-                self._engine._cancel(self._req)
+                self._engine.cancel(self._req)
             except Exception:
                 pass

@@ -12,14 +12,13 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.core.atomic import atomic_dir
 from service.core.errors import InvalidInput
 
 # Appended after the SentencePiece vocabulary, in this order, as ChatGLM3's SPTokenizer does.
@@ -298,9 +297,7 @@ def convert_chatglm3(src: Path, dst: Path,
     shards = weight_shards(src)
     tokenizer = build_fast_tokenizer(sp, model_max_length=cfg.get("seq_length", 8192))
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
         out_files: list[tuple[str, list[str]]] = []
@@ -346,11 +343,4 @@ def convert_chatglm3(src: Path, dst: Path,
         (tmp / "tuneserve_conversion.json").write_text(json.dumps(
             {"source_model_type": "chatglm", "family": "chatglm3",
              "converter_version": CONVERTER_VERSION, "source": str(src)}, indent=2))
-        for f in tmp.iterdir():  # durable before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -7,15 +7,13 @@ tensor generator the full-size conversion benchmark streams from.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.core.atomic import atomic_dir
 from service.models.chatglm3 import SPECIAL_TOKENS
 
 _SAMPLE = Path(__file__).resolve().parents[1] / "data" / "advertisegen_sample.jsonl"
@@ -117,9 +115,7 @@ def build_demo_model(dst: Path, corpus: list[str] | None = None, *, vocab_size: 
     dst = Path(dst)
     if (dst / "config.json").is_file() and (dst / "model.safetensors").is_file():
         return dst
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, replace=True) as tmp:
         sp_path = _train_sentencepiece(corpus or _default_corpus(), tmp, vocab_size)
         import sentencepiece as spm
         n_sp = spm.SentencePieceProcessor(model_file=str(sp_path)).get_piece_size()
@@ -140,10 +136,4 @@ def build_demo_model(dst: Path, corpus: list[str] | None = None, *, vocab_size: 
             "tokenizer_class": "ChatGLMTokenizer",
             "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
         }, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from service.core.atomic import atomic_dir
 from service.core.errors import AdapterMismatch, InvalidInput
 
 _KEY = re.compile(r"^(?P<prefix>.*?)(?:model\.)?layers\.(?P<layer>\d+)\."
@@ -154,16 +152,7 @@ def export_adapter_chatglm3(adapter_dir: Path, out_dir: Path, *,
         "layers_to_transform": None, "layers_pattern": None, "fan_in_fan_out": False,
     })
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(out, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -7,7 +7,7 @@ Knows nothing of Celery, HTTP or the database; the caller passes a Progress call
                                        train_conversations=[[{"role": "user", ...}, ...]], work_dir=...),
                            progress)
 """
-from workers.training.checkpoint import list_checkpoints
+from service.core.checkpoints import list_checkpoints
 from workers.training.recipe import NullProgress, Progress, TrainingOutcome, TrainingRun, run_training
 
 __all__ = ["NullProgress", "Progress", "TrainingOutcome", "TrainingRun", "list_checkpoints", "run_training"]

@@ -2,14 +2,14 @@
 optimizer and scheduler states, every RNG state and the data position — everything a
 redelivered job needs to continue as if it had never stopped.
 
-A checkpoint is written into `checkpoints/.tmp-step-N-<pid>/`, fsynced, then renamed; only
+A checkpoint is written into a `checkpoints/.step-N.tmp-*/` dir, fsynced, then renamed; only
 directories named `step-N` that contain `state.json` (written last) count as complete, so a
-worker killed mid-write leaves nothing a resume could trust.
+worker killed mid-write leaves nothing a resume could trust. The layout (and listing it)
+lives in service/core/checkpoints.py, which the API reads without torch.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -19,16 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-CHECKPOINTS = "checkpoints"
-STATE = "state.json"
+from service.core.atomic import atomic_dir
+from service.core.checkpoints import CHECKPOINTS, STATE, complete_checkpoints, complete_in, read_state
+
+__all__ = ["CHECKPOINTS", "STATE", "complete_checkpoints", "read_state", "save_checkpoint", "load_checkpoint",
+           "remove_checkpoints", "rng_state", "set_rng_state", "get_lora_keys"]
+
 KEEP_LAST = 3
-
-
-def _fsync_dir_files(d: Path) -> None:
-    for f in d.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,64 +44,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-
-
 def save_checkpoint(work_dir: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
                     keep_last: int = KEEP_LAST) -> Path:
     """Write step-N atomically; prune older complete checkpoints beyond `keep_last`."""
     root = Path(work_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # replace: a re-run of the same step (e.g. after a resume) supersedes it.
+    with atomic_dir(root / f"step-{step}", replace=True) as tmp:
         model.save_pretrained(str(tmp))  # adapter_config.json + adapter_model.safetensors
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         full = dict(state, step=step, created_at=time.time())
         (tmp / STATE).write_text(json.dumps(full, indent=1))
-        _fsync_dir_files(tmp)
-        if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in _complete(root)[:-keep_last] if keep_last > 0 else []:
+    final = root / f"step-{step}"
+    for old in complete_in(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _step_of(d: Path) -> int | None:
-    name = d.name
-    if not name.startswith("step-"):
-        return None
-    try:
-        return int(name[5:])
-    except ValueError:
-        return None
-
-
-def _complete(root: Path) -> list[Path]:
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and _step_of(d) is not None and (d / STATE).is_file()]
-    return sorted(dirs, key=_step_of)
-
-
-def latest_checkpoint(work_dir: Path) -> Path | None:
-    dirs = _complete(Path(work_dir) / CHECKPOINTS)
-    return dirs[-1] if dirs else None
-
-
-def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((Path(ckpt) / STATE).read_text())
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, device: str) -> dict[str, Any]:
@@ -135,26 +90,6 @@ def get_lora_keys(model) -> list[str]:
     from peft import get_peft_model_state_dict
 
     return list(get_peft_model_state_dict(model).keys())
-
-
-def complete_checkpoints(work_dir: Path) -> list[Path]:
-    """Complete checkpoint dirs, oldest first."""
-    return _complete(Path(work_dir) / CHECKPOINTS)
-
-
-def list_checkpoints(work_dir: Path) -> list[dict[str, Any]]:
-    """Complete checkpoints, oldest first: step, path, created_at (unix s), loss (of that step)."""
-    out = []
-    for d in _complete(Path(work_dir) / CHECKPOINTS):
-        try:
-            st = read_state(d)
-        except (OSError, ValueError):
-            continue
-        out.append({"step": int(st.get("step", _step_of(d) or 0)), "path": str(d),
-                    "created_at": st.get("created_at"), "loss": st.get("loss"),
-                    "eval_loss": st.get("eval_loss"), "epoch": st.get("epoch_float"),
-                    "total_steps": st.get("total_steps")})
-    return out
 
 
 def remove_checkpoints(work_dir: Path) -> None:

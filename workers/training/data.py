@@ -52,6 +52,16 @@ def _split_single_turn(conv: Sequence[dict]) -> tuple[str, str] | None:
     return None
 
 
+# A run's conversations: given, or produced on demand (a dataset read only by the rank that needs it).
+Conversations = Sequence[Sequence[dict]] | Callable[[], Iterable[Sequence[dict]]]
+
+
+def conversations_list(src: Conversations | None) -> list[Sequence[dict]] | None:
+    if src is None:
+        return None
+    return list(src() if callable(src) else src)
+
+
 def tokenize_conversations(tokenizer, conversations: Iterable[Sequence[dict]], spec: TrainingSpec,
                            *, warn: Warn | None = None, what: str = "training",
                            max_positions: int | None = None) -> list[Example]:
@@ -145,9 +155,6 @@ def total_steps(n: int, spec: TrainingSpec) -> int:
 class DataPosition:
     epoch: int = 0
     index: int = 0  # next row of this epoch's permutation
-
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
 
 
 class StepSampler:

@@ -57,17 +57,17 @@ def _read_jsonl(path: Path) -> list:
 
 
 def write_launch_files(run, launch_dir: Path) -> Path:
-    from workers.training.recipe import _conversations
+    from workers.training.data import conversations_list
 
     launch_dir.mkdir(parents=True, exist_ok=True)
     for name in ("events.jsonl", "outcome.json", "error.json", "CANCEL"):
         (launch_dir / name).unlink(missing_ok=True)
     train = launch_dir / "train.jsonl"
-    _write_jsonl(train, _conversations(run.train_conversations) or [])
+    _write_jsonl(train, conversations_list(run.train_conversations) or [])
     val = None
     if run.validation_conversations is not None:
         val = launch_dir / "validation.jsonl"
-        _write_jsonl(val, _conversations(run.validation_conversations) or [])
+        _write_jsonl(val, conversations_list(run.validation_conversations) or [])
     cfg = {"job_id": run.job_id, "tenant": run.tenant, "base_model_ref": run.base_model_ref,
            "spec": run.spec.model_dump(mode="json"), "train": str(train), "validation": str(val) if val else None,
            "work_dir": str(run.work_dir), "device": run.device, "models_cache_dir": str(run.models_cache_dir),

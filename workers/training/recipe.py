@@ -11,7 +11,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -19,17 +18,18 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from service.core.atomic import atomic_dir
 from service.core.domain import JobProgress, TrainingSpec
 from service.core.errors import Cancelled, InvalidInput, TrainingError, TuneserveError
 from workers.training import checkpoint as ckpt
-from workers.training.data import Example, fingerprint, length_stats, tokenize_conversations, total_steps
+from workers.training.data import (Conversations, Example, conversations_list, fingerprint, length_stats,
+                                   tokenize_conversations, total_steps)
 from workers.training.loop import Dist, LoopState, TrainLoop, make_optimizer
 from workers.training.model import check_packing, load_trainable, resolve_device
 from workers.training.plan import (GiB, MemoryModel, MemoryPlan, choose_plan, dense_layer_bytes, device_budget,
                                    model_shape)
 
 ADAPTER_DIR = "adapter"
-Conversations = Sequence[Sequence[dict]] | Callable[[], Iterable[Sequence[dict]]]
 
 
 @runtime_checkable
@@ -82,12 +82,6 @@ class TrainingOutcome:
     manifest: dict[str, Any]            # the registry manifest's fields (publish(manifest=...))
     result: dict[str, Any] = field(default_factory=dict)  # plan, throughput, loss curve (job.result)
     resumed_from_step: int | None = None
-
-
-def _conversations(src: Conversations | None) -> list[Sequence[dict]] | None:
-    if src is None:
-        return None
-    return list(src() if callable(src) else src)
 
 
 def _seed_all(seed: int) -> None:
@@ -182,10 +176,10 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     targets = list(spec.lora_target_modules or default_lora_targets(family))
 
     warn = lambda msg, data: say(msg, level="warn", data=data)  # noqa: E731
-    train_convs = _conversations(run.train_conversations) or []
+    train_convs = conversations_list(run.train_conversations) or []
     examples = tokenize_conversations(tokenizer, train_convs, spec, warn=warn, what="training",
                                       max_positions=max_positions)
-    val_convs = _conversations(run.validation_conversations)
+    val_convs = conversations_list(run.validation_conversations)
     val_examples = (tokenize_conversations(tokenizer, val_convs, spec, warn=warn, what="validation",
                                            max_positions=max_positions)
                     if val_convs else None)
@@ -281,10 +275,8 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
                                    steps=state.step, metrics={}, manifest={})
 
     # --- save (tmp dir + rename: a half-written adapter is never visible) -------------------
-    tmp = work_dir / f".{ADAPTER_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    os.replace(tmp, adapter_dir)
+    with atomic_dir(adapter_dir, replace=True) as tmp:
+        model.save_pretrained(str(tmp))
     throughput = {
         "train_seconds": round(train_s, 2), "steps_this_run": state.step - steps_before,
         "tokens_per_second": round((state.trained_tokens - tokens_before) / max(train_s, 1e-9), 1),

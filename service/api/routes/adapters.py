@@ -14,9 +14,10 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
-from service.api.routes.models import _evict
 from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, error_responses
-from service.core.errors import InvalidInput, NotFound, ServiceUnavailable
+from service.core import export as adapter_export
+from service.core.domain import AdapterManifest
+from service.core.errors import InvalidInput, NotFound
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses())
 
@@ -55,29 +56,16 @@ def delete_adapter(name: str, tenant: TenantDep, registry: RegistryDep, state: S
                    version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterDeleted:
     try:
         versions = [m.version for m in registry.list_versions(tenant, name)] if version is None else [version]
-        registry.delete(tenant, name, version)
+        state.delete_adapter(tenant, name, version)
     except (NotFound, InvalidInput):
         raise _not_found(name, version) from None
-    _evict(state, tenant, name)
     return AdapterDeleted(id=name, versions=versions)
 
 
-def _build_export(adapter_dir: Path, fmt: str, archive: str, stem: str) -> Path:
+def _build_export(adapter_dir: Path, manifest: AdapterManifest, fmt: str, archive: str, stem: str) -> Path:
     work = Path(tempfile.mkdtemp(prefix="tuneserve-export-"))
     try:
-        content = work / stem
-        if fmt == "chatglm3":
-            try:
-                from service.models.export import export_adapter_chatglm3  # lazy: imports torch
-            except ImportError as exc:
-                raise ServiceUnavailable("chatglm3 export is not available on this server; use format=peft",
-                                         param="format", code="export_unavailable") from exc
-            export_adapter_chatglm3(adapter_dir, content)
-        else:  # the registry's own PEFT pair + manifest
-            content.mkdir()
-            for f in adapter_dir.iterdir():
-                if f.is_file():
-                    shutil.copy2(f, content / f.name)
+        content = adapter_export.export_adapter(adapter_dir, manifest, fmt, work / stem)
         if archive == "zip":
             out = work / f"{stem}.zip"
             with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -102,9 +90,10 @@ async def export_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
                          archive: Literal["zip", "tar"] = Query(default="zip"),
                          version: int | None = Query(default=None, ge=1, le=999_999_999)) -> FileResponse:
     path, manifest = await to_thread.run_sync(_resolve, registry, tenant, name, version)
+    adapter_export.check_export_format(format, manifest)  # before hashing the files
     await to_thread.run_sync(registry.verify, path, manifest)
     stem = f"{manifest.name}-v{manifest.version}-{format}"
-    out = await to_thread.run_sync(_build_export, path, format, archive, stem)
+    out = await to_thread.run_sync(_build_export, path, manifest, format, archive, stem)
     return FileResponse(out, filename=out.name,
                         media_type="application/zip" if archive == "zip" else "application/gzip",
                         background=BackgroundTask(shutil.rmtree, out.parent, ignore_errors=True))

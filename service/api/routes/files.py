@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from service.api.deps import SettingsDep, StateDep, StoreDep, TenantDep
+from service.api.paging import page_after
 from service.api.schemas import FileDeleted, FileList, FilePublic, error_responses
 from service.api.uploads import receive_upload
-from service.core.errors import InvalidInput, NotFound, TuneserveError
+from service.core.errors import NotFound, TuneserveError
 from service.core.results import RESULTS_PURPOSE
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=error_responses())
@@ -60,12 +60,8 @@ def list_files(tenant: TenantDep, store: StoreDep,
     files = store.list_files(tenant, purpose=purpose)  # newest first
     if order == "asc":
         files.reverse()
-    if after is not None:
-        ids = [f.id for f in files]
-        if after not in ids:
-            raise InvalidInput(f"after: no file {after!r}", param="after")
-        files = files[ids.index(after) + 1:]
-    return FileList(data=[FilePublic.from_domain(f) for f in files[:limit]], has_more=len(files) > limit)
+    page, has_more = page_after(files, after, limit, what="file")
+    return FileList(data=[FilePublic.from_domain(f) for f in page], has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FilePublic, responses=error_responses(404))

@@ -1,7 +1,7 @@
 """/v1/fine_tuning/jobs. Thin: validate everything, commit the row, then enqueue the id.
 
-Nothing here imports torch: checkpoints are listed through a lazy import of the training
-package, at request time only."""
+Nothing here imports torch or the training code: checkpoints are listed through
+service.core.checkpoints, which reads their on-disk layout."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from service.api.deps import QueueDep, SettingsDep, StateDep, StoreDep, TenantDep
+from service.api.paging import page_after
 from service.api.schemas import (
     CheckpointList,
     CheckpointMetrics,
@@ -20,8 +21,8 @@ from service.api.schemas import (
     JobList,
     JobPublic,
     error_responses,
-    unix,
 )
+from service.core.checkpoints import list_checkpoints as list_job_checkpoints
 from service.core.config import Settings
 from service.core.domain import DatasetSource, TrainingSpec, suffix_problem
 from service.core.errors import InvalidInput, NotFound, ServiceUnavailable, TuneserveError
@@ -114,8 +115,7 @@ def validate_job(body: JobCreate, *, state, store: Store, settings: Settings, te
         problems.append({"param": "integrations", "message": "integrations are not supported"})
 
     if problems:
-        raise InvalidInput("; ".join(f"{p['param']}: {p['message']}" for p in problems),
-                           param=problems[0]["param"], details=problems)
+        raise InvalidInput.from_problems(problems)
     assert spec is not None
     return spec
 
@@ -175,7 +175,7 @@ def list_events(job_id: str, tenant: TenantDep, store: StoreDep,
 
 
 def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
-    """One entry of workers.training.list_checkpoints: step, created_at (unix s), loss, eval_loss, ..."""
+    """One entry of service.core.checkpoints.list_checkpoints: step, created_at (unix s), loss, eval_loss, ..."""
     step = int(item.get("step") or 0)
     created = item.get("created_at")
     metrics = CheckpointMetrics(step=float(step), train_loss=item.get("loss"), valid_loss=item.get("eval_loss"))
@@ -191,18 +191,8 @@ def list_checkpoints(job_id: str, tenant: TenantDep, store: StoreDep, settings: 
                      limit: int = Query(default=10, ge=1, le=100)) -> CheckpointList:
     store.get_job(job_id, tenant)
     job_dir = settings.jobs_dir / job_id
-    items: list[Any] = []
-    if (job_dir / "checkpoints").is_dir():
-        # Lazy: the checkpoint module imports torch; the API pays that only here, only when
-        # the job has checkpoints on this host.
-        from workers.training.checkpoint import list_checkpoints as _list
-        items = list(_list(job_dir))
+    items = list_job_checkpoints(job_dir)
     data = sorted((_checkpoint_public(job_id, it) for it in items), key=lambda c: c.step_number, reverse=True)
-    if after is not None:
-        ids = [c.id for c in data]
-        if after not in ids:
-            raise InvalidInput(f"after: no checkpoint {after!r}", param="after")
-        data = data[ids.index(after) + 1:]
-    page = data[:limit]
-    return CheckpointList(data=page, has_more=len(data) > limit,
+    page, has_more = page_after(data, after, limit, what="checkpoint")
+    return CheckpointList(data=page, has_more=has_more,
                           first_id=page[0].id if page else None, last_id=page[-1].id if page else None)

@@ -36,23 +36,11 @@ async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state:
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(404, 409))
-def delete_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelDeleted:
+def delete_model(model: str, tenant: TenantDep, state: StateDep) -> ModelDeleted:
     if state.is_base_model(model):
         raise InvalidInput("the base model cannot be deleted", param="model")
     try:
-        registry.delete(tenant, model)
+        state.delete_adapter(tenant, model)
     except (NotFound, InvalidInput):
         raise NotFound(f"model {model!r} does not exist", param="model", code="model_not_found") from None
-    _evict(state, tenant, model)
     return ModelDeleted(id=model)
-
-
-def _evict(state, tenant: str, name: str) -> None:
-    """Tell the engine a deleted adapter is gone (if it offers that); it also re-checks the
-    registry on use, so this only frees memory early."""
-    evict = getattr(state.engine, "evict_adapter", None) if state.engine is not None else None
-    if callable(evict):
-        try:
-            evict(tenant, name)
-        except Exception:  # pragma: no cover
-            pass

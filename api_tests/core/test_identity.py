@@ -1,0 +1,46 @@
+"""service.core.identity: one naming rule for the base model, used by the launcher, API,
+engine and worker (and the manifest, which records the public id, not a host path)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from service.core.config import CHATGLM3_HUB_ID, DEMO_MODEL_NAME, Settings
+from service.core.domain import BASE_ADAPTER
+from service.core.identity import BaseModelIdentity, chosen_ref, demo_dir, load_ref, public_id
+
+
+def test_public_id_rule(tmp_path):
+    s = Settings(data_dir=tmp_path)
+    local = tmp_path / "my-base"
+    local.mkdir()
+    assert public_id(CHATGLM3_HUB_ID, s) == CHATGLM3_HUB_ID
+    assert public_id(str(local), s) == "my-base"
+    assert public_id(str(demo_dir(s)), s) == public_id("", s) == public_id(DEMO_MODEL_NAME, s) == DEMO_MODEL_NAME
+
+
+def test_chosen_and_loaded_refs(tmp_path):
+    s = Settings(data_dir=tmp_path)
+    assert chosen_ref(s, has_cuda=True) == CHATGLM3_HUB_ID
+    assert chosen_ref(s, has_cuda=False) == str(demo_dir(s))
+    assert load_ref(DEMO_MODEL_NAME, s) == str(demo_dir(s)) and load_ref(CHATGLM3_HUB_ID, s) == CHATGLM3_HUB_ID
+    pinned = Settings(data_dir=tmp_path, base_model="/models/x")
+    assert chosen_ref(pinned, has_cuda=True) == load_ref(DEMO_MODEL_NAME, pinned) == "/models/x"
+
+
+def test_is_base_accepts_every_spelling_once(tmp_path):
+    local = tmp_path / "my-base"
+    local.mkdir()
+    s = Settings(data_dir=tmp_path, base_model=str(local))
+    ident = BaseModelIdentity.of(str(local), s)
+    assert ident.public_id == "my-base" and ident.aliases == frozenset({str(local)})
+    assert all(ident.is_base(n) for n in ("my-base", str(local), BASE_ADAPTER, None, ""))
+    assert not ident.is_base("ft-ads-123")
+
+
+def test_manifest_records_the_public_id(tmp_path):
+    from workers.tasks import _manifest_fields
+
+    s = Settings(data_dir=tmp_path)
+    job = SimpleNamespace(id="ftjob-1", model=DEMO_MODEL_NAME, spec=SimpleNamespace(model_dump=lambda mode: {}))
+    outcome = SimpleNamespace(manifest={"base_model": str(demo_dir(s))}, trained_tokens=1, metrics={})
+    assert _manifest_fields(outcome, job, s)["base_model"] == DEMO_MODEL_NAME
