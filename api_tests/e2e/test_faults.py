@@ -110,7 +110,9 @@ def _restart_api(deployment):
 
 def _inventory(c: Client) -> dict:
     return {
-        "files": sorted(f["id"] for f in c.http.get("/v1/files").json()["data"]),
+        # Uploaded datasets; a job's result file (fine-tune-results) appears when it ends and
+        # is covered by the jobs entry.
+        "files": sorted(f["id"] for f in c.http.get("/v1/files", params={"purpose": "fine-tune"}).json()["data"]),
         "jobs": {j["id"]: (j["status"], j["fine_tuned_model"])
                  for j in c.http.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]},
         "adapters": sorted(a["name"] for a in c.http.get("/v1/adapters").json()["data"]),

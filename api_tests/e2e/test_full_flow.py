@@ -128,7 +128,7 @@ def test_chat_with_the_adapter_differs_from_the_base(trained, deployment):
 def test_job_cancelled_while_running_leaves_no_adapter(deployment, trained):
     c, _, _ = trained
     system = deployment.system
-    train_id = c.http.get("/v1/files").json()["data"][0]["id"]
+    train_id = c.http.get("/v1/files", params={"purpose": "fine-tune"}).json()["data"][0]["id"]
     job = c.create_job(model=deployment.base_model, training_file=train_id, suffix="doomed",
                        hyperparameters=_hyper(max_steps=5000, checkpoint_steps=100_000, eval_max_samples=0))
     wait_for(lambda: c.job(job["id"])["progress"]["step"] >= 3, JOB_TIMEOUT, "the second job to train",
