@@ -102,9 +102,10 @@ def teacher_forced_rows(engine, tenant: str, cases: list[tuple[str, str | None]]
     `cases` order) logits [steps + 1, V] (prefill's last token, then each decode step).
     Drives the engine's runner directly: the engine must be idle."""
     n = len(cases)
-    alone, mixed, mixed_reversed = teacher_forced_batches(
+    runs = teacher_forced_batches(
         engine, tenant, cases, [[i] for i in range(n)] + [list(range(n)), list(reversed(range(n)))],
         steps=steps, seed=seed)
+    alone, mixed, mixed_reversed = runs[:n], runs[n], runs[n + 1]
     return [b[0] for b in alone], mixed, mixed_reversed[::-1]
 
 
