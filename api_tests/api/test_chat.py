@@ -297,8 +297,11 @@ def test_export_chatglm3_refused_for_another_family(engine_app, client, adapter,
     registry.publish(tenant="alice", name="ft-llama-like", source_dir=Path(src), manifest={
         "base_model": "meta-llama/Llama-3.2-1B", "model_family": "llama", "target_modules": TARGETS,
         "r": 4, "lora_alpha": 8.0})
-    err = assert_error(client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A,
-                                  params={"format": "chatglm3"}), 400, param="format", code="unsupported_format")
-    assert "chatglm3" in err["message"] and "llama" in err["message"]
-    r = client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A, params={"format": "peft"})
-    assert r.status_code == 200
+    try:  # the module shares one registry: leave nothing behind for the other tests
+        err = assert_error(client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A,
+                                      params={"format": "chatglm3"}), 400, param="format", code="unsupported_format")
+        assert "chatglm3" in err["message"] and "llama" in err["message"]
+        r = client.get("/v1/adapters/ft-llama-like/export", headers=AUTH_A, params={"format": "peft"})
+        assert r.status_code == 200
+    finally:
+        registry.delete("alice", "ft-llama-like")

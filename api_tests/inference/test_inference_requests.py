@@ -224,6 +224,9 @@ def test_cancelled_stream_frees_its_slot(engine, slow_decode):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        # The stream hands the cancel to the engine from the task's done callback, which may
+        # run after this await resumes: count steps from when the engine has it.
+        await _wait_until(lambda: s1.finish_reason == "cancelled", 60, "the cancel to reach the engine")
         at_cancel = len(steps)
         await _wait_idle(engine)
         # Freed at the next step boundary: at most the step in flight and one more ran.
