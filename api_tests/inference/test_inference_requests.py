@@ -215,6 +215,7 @@ def test_cancelled_stream_frees_its_slot(engine, slow_decode):
         return got
 
     async def go():
+        await _wait_idle(engine)  # requests an earlier test cancelled are counted before we start
         before = engine.stats()["counters"].get("finish_cancelled", 0)
         # 1) the consumer task is cancelled (what a client disconnect does to the SSE task)
         s1 = await engine.stream(request(PROMPTS[0], max_tokens=100))
