@@ -240,6 +240,16 @@ class Up:
                                 stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
         return cls(proc, log_path, port)
 
+    def stop(self) -> None:
+        """Ctrl-C's path (SIGTERM), then SIGKILL if it does not end within a minute."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -7,7 +7,6 @@ starts in seconds; the worker is the real Celery worker."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,13 +41,7 @@ def start_up(tmp_path, own_redis, demo_base):
 
     yield start
     for up in ups:
-        if up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGTERM)
-            try:
-                up.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                up.proc.kill()
-                up.proc.wait(10)
+        up.stop()
 
 
 @pytest.fixture(scope="module")

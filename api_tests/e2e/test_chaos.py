@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 
@@ -127,12 +126,6 @@ def test_ten_jobs_survive_killed_workers_apis_and_an_empty_redis(tmp_path, demo_
         c.close()
         store.close()
         children = up.pids("worker") + up.pids("api")
-        if up.proc.poll() is None:
-            up.proc.send_signal(signal.SIGTERM)
-            try:
-                up.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                up.proc.kill()
-                up.proc.wait(10)
+        up.stop()
     assert up.proc.returncode == 0, up.log()[-4000:]
     assert not [p for p in children if pid_alive(p)]
