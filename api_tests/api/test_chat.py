@@ -197,7 +197,9 @@ def test_client_disconnect_cancels_generation(engine_app, base_name, monkeypatch
     """Real HTTP (uvicorn): open a long stream, hang up, and the engine must finish the
     request as cancelled and free its slot. The engine is held before its first decode step
     until the server has marked the request cancelled, so it cannot finish the reply first on
-    a fast machine."""
+    a fast machine; and the client hangs up only once the engine holds the request there (it
+    is running), so a hang-up that reaches the server before the decode thread has admitted
+    the request (a loaded machine) cannot cancel it while it still waits, never to decode."""
     import uvicorn
 
     from harness import DecodeGate, free_port, wait_for
@@ -210,10 +212,13 @@ def test_client_disconnect_cancels_generation(engine_app, base_name, monkeypatch
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     gate = DecodeGate(engine._runner, hold_at=1)
-    monkeypatch.setattr(engine._runner, "decode", gate)
     try:
         wait_for(lambda: server.started or not t.is_alive(), 60, "uvicorn to start")
         assert server.started, "uvicorn exited during startup"
+        # Requests an earlier test ended (a stop string cancels) are counted before we start,
+        # and none of them can be the one the gate holds.
+        wait_for(lambda: engine.stats()["running"] == 0 and engine.stats()["queue_depth"] == 0, 60, "the engine idle")
+        monkeypatch.setattr(engine._runner, "decode", gate)
         before = engine.stats()["counters"].get("finish_cancelled", 0)
         body = {"model": base_name, "messages": MSG, "max_tokens": 100, "temperature": 0, "stream": True,
                 "stop": ["\x00never"]}
@@ -221,10 +226,14 @@ def test_client_disconnect_cancels_generation(engine_app, base_name, monkeypatch
             with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH_A,
                              json=body) as r:
                 assert r.status_code == 200
-                # The role chunk comes before any token; hang up on it.
-                assert next(line for line in r.iter_lines() if line.startswith("data: {"))
-        gate.wait_held(60)
-        assert engine.stats()["running"] == 1
+                # Kept in a name: a partly read line iterator that is dropped closes the
+                # connection, which would hang up here, before the engine has the request.
+                lines = r.iter_lines()
+                # The role chunk comes before any token.
+                assert next(line for line in lines if line.startswith("data: {"))
+                gate.wait_held(60)  # prefilled and running, parked before its first decode step
+                assert engine.stats()["running"] == 1
+            # Leaving the block closes the half-read response: the client hangs up.
         wait_for(lambda: any(req.cancelled for req in list(engine._running.values())), 60,
                  "the server to cancel the request of the client that hung up")
         gate.release()
