@@ -170,7 +170,8 @@ def api(host: Annotated[Optional[str], typer.Option(help="Bind address (TUNESERV
     from service.logging import configure_logging
     configure_logging("api", log_level)  # JSON lines with request ids (service/logging.py)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=log_level,
-                timeout_graceful_shutdown=10, log_config=None, access_log=False)
+                timeout_graceful_shutdown=10, timeout_keep_alive=settings.keep_alive_s,
+                log_config=None, access_log=False)
 
 
 def worker_argv(queue: str, concurrency: int, loglevel: str = "INFO") -> list[str]:

@@ -149,6 +149,52 @@ def test_enqueue_failure_rolls_back_the_row(make_settings, queue_len):
     assert queue_len() == 0
 
 
+def test_retry_with_idempotency_key_returns_the_job_enqueued_once(client, queue_len):
+    """A client whose POST got no answer (connection dropped) retries with the same
+    Idempotency-Key: the job the first attempt created comes back, and nothing is enqueued again."""
+    fid = upload_ok(client)
+    body = {"model": BASE, "training_file": fid, "suffix": "ads", "metadata": {"a": "1", "b": "2"}}
+    key = {**AUTH_A, "Idempotency-Key": "retry-me-1"}
+    first = client.post("/v1/fine_tuning/jobs", headers=key, json=body)
+    assert first.status_code == 200, first.text
+    # The same request serialized otherwise (key order) is the same request.
+    again = client.post("/v1/fine_tuning/jobs", headers=key, json=dict(reversed(list(body.items()))))
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert jobs_in_store(client) == 1 and queue_len() == 1
+    assert "tuneserve_jobs_replayed_total 1.0" in client.get("/metrics").text
+    # The key names that one request: another body under it is refused, and changes nothing.
+    err = assert_error(client.post("/v1/fine_tuning/jobs", headers=key, json={**body, "suffix": "other"}), 409,
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    assert first.json()["id"] in err["message"]
+    # Keys are per tenant; without a key every POST is a new job (as before).
+    bob = client.post("/v1/fine_tuning/jobs", headers={**AUTH_B, "Idempotency-Key": "retry-me-1"},
+                      json={**body, "training_file": upload_ok(client, headers=AUTH_B)})
+    assert bob.status_code == 200 and bob.json()["id"] != first.json()["id"]
+    assert create(client, **body).json()["id"] != create(client, **body).json()["id"]
+    assert jobs_in_store(client) == 3 and queue_len() == 4
+
+
+@pytest.mark.parametrize("bad", ["", "a" * 256, "two words", "tab\there"])
+def test_bad_idempotency_key_is_400_naming_the_header(client, queue_len, bad):
+    fid = upload_ok(client)
+    r = client.post("/v1/fine_tuning/jobs", headers={**AUTH_A, "Idempotency-Key": bad},
+                    json={"model": BASE, "training_file": fid})
+    assert_error(r, 400, param="Idempotency-Key")
+    assert jobs_in_store(client) == 0 and queue_len() == 0
+
+
+def test_retry_after_failed_enqueue_is_not_answered_with_the_rolled_back_job(make_settings, queue_len):
+    with TestClient(create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))) as c:
+        fid = upload_ok(c)
+        key = {**AUTH_A, "Idempotency-Key": "after-503"}
+        for _ in range(2):  # the key went with the rolled-back row: the retry is a new attempt
+            assert_error(c.post("/v1/fine_tuning/jobs", headers=key, json={"model": BASE, "training_file": fid}),
+                         503, code="queue_unavailable")
+        assert jobs_in_store(c) == 0
+    assert queue_len() == 0
+
+
 def test_list_pagination_get_cancel_events(client):
     fid = upload_ok(client)
     ids = [create(client, model=BASE, training_file=fid).json()["id"] for _ in range(5)]

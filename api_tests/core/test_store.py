@@ -206,6 +206,61 @@ def test_delete_job_removes_events(store: Store):
     store.delete_job(job.id)  # idempotent
 
 
+def _job_once(store: Store, key: str, fingerprint: str = "f" * 64, tenant: str = "acme"):
+    return store.create_job_once(idempotency_key=key, fingerprint=fingerprint, tenant=tenant, model="chatglm3-6b",
+                                 spec=TrainingSpec(max_steps=3, lora_r=4))
+
+
+def test_create_job_once_per_idempotency_key(store: Store):
+    job, created = _job_once(store, "k1")
+    assert created and store.get_job(job.id).status is JobStatus.queued
+    store.transition(job.id, JobStatus.running, worker_id="w")
+    again, created_again = _job_once(store, "k1")
+    assert not created_again and again.id == job.id and again.status is JobStatus.running  # the job as it is now
+    other, created_other = _job_once(store, "k1", tenant="other")  # keys are per tenant
+    assert created_other and other.id != job.id
+    with pytest.raises(Conflict) as exc:  # a key names one request: another body is refused
+        _job_once(store, "k1", fingerprint="e" * 64)
+    assert exc.value.code == "idempotency_key_reused" and exc.value.param == "Idempotency-Key"
+    assert len(store.list_jobs("acme", limit=10)[0]) == 1
+
+
+def test_deleted_job_frees_its_idempotency_key(store: Store):
+    """A job rolled back after a failed enqueue takes its key along: the client's retry creates it."""
+    job, _ = _job_once(store, "k2")
+    store.delete_job(job.id)
+    again, created = _job_once(store, "k2")
+    assert created and again.id != job.id
+
+
+def test_create_job_once_race_one_job(store: Store, db_url: str):
+    """Retries of one request arriving at once, through two Stores (two processes' pools): one
+    job, and every caller gets it."""
+    other = Store(db_url)
+    try:
+        for n in range(3):
+            barrier = threading.Barrier(4)
+            got: list[tuple[str, bool]] = []
+            lock = threading.Lock()
+
+            def submit(st: Store):
+                barrier.wait()
+                job, created = _job_once(st, f"race-{n}")
+                with lock:
+                    got.append((job.id, created))
+
+            threads = [threading.Thread(target=submit, args=(st,)) for st in [store, other, store, other]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(got) == 4 and len({jid for jid, _ in got}) == 1, got
+            assert sum(created for _, created in got) == 1, got
+        assert len(store.list_jobs("acme", limit=10)[0]) == 3
+    finally:
+        other.close()
+
+
 def test_progress_and_result_merge(store: Store):
     job = _job(store)
     store.transition(job.id, JobStatus.running)

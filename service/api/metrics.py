@@ -50,6 +50,9 @@ class ApiMetrics:
             ["code"], registry=self.registry)
         self.jobs_created = Counter(
             "tuneserve_jobs_created", "Fine-tuning jobs accepted", registry=self.registry)
+        self.jobs_replayed = Counter(
+            "tuneserve_jobs_replayed", "Job creations answered with the job an earlier request with the same "
+            "Idempotency-Key created", registry=self.registry)
         self.enqueue_failures = Counter(
             "tuneserve_job_enqueue_failures", "Jobs refused because the broker did not take the task",
             registry=self.registry)

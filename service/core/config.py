@@ -18,6 +18,11 @@ class Settings(BaseSettings):
     env: Literal["dev", "prod"] = "dev"
     host: str = "127.0.0.1"
     port: int = 8000
+    # How long the API keeps an idle keep-alive connection open. It must outlast the clients'
+    # own idle expiry (httpx and the OpenAI SDK: 5 s), so that the client always drops an idle
+    # connection first: with both at 5 s (uvicorn's default) the server closed connections a
+    # client had just sent a request on, and the client saw a reset (ReadError) under load.
+    keep_alive_s: int = Field(default=75, ge=1)
 
     # Base model: hub id or local dir. Empty = auto (ChatGLM3-6B with a CUDA GPU, else the demo model).
     base_model: str = ""

@@ -126,6 +126,21 @@ class JobRow(Base):
     __table_args__ = (sa.Index("ix_ts_jobs_tenant_seq", "tenant", "seq"),)
 
 
+class IdempotencyKeyRow(Base):
+    """A client's Idempotency-Key for a job it created: a retry of the same request (same key,
+    same body) is answered with that job instead of creating a second one. A table of its own
+    so that existing databases gain it through create_all; it goes with its job."""
+    __tablename__ = "ts_idempotency_keys"
+    seq: Mapped[int] = mapped_column(_SeqType, primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(sa.String(64))
+    key: Mapped[str] = mapped_column(sa.String(255))
+    fingerprint: Mapped[str] = mapped_column(sa.String(64))  # sha256 of the request body
+    job_id: Mapped[str] = mapped_column(sa.String(64), sa.ForeignKey("ts_jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime]
+
+    __table_args__ = (sa.UniqueConstraint("tenant", "key", name="uq_ts_idempotency_keys_tenant_key"),)
+
+
 class EventRow(Base):
     __tablename__ = "ts_job_events"
     seq: Mapped[int] = mapped_column(_SeqType, primary_key=True, autoincrement=True)
@@ -233,6 +248,21 @@ def _job(row: JobRow) -> Job:
         cancel_requested=bool(row.cancel_requested), worker_id=row.worker_id, attempts=row.attempts or 0,
         heartbeat_at=row.heartbeat_at, created_at=row.created_at, started_at=row.started_at,
         finished_at=row.finished_at, result=dict(row.result or {}),
+    )
+
+
+def _new_job_row(*, tenant: str, model: str, spec: TrainingSpec, training_file: str | None = None,
+                 validation_file: str | None = None, training_dataset: DatasetSource | None = None,
+                 validation_dataset: DatasetSource | None = None, suffix: str | None = None,
+                 metadata: dict[str, str] | None = None, status: JobStatus = JobStatus.queued) -> JobRow:
+    return JobRow(
+        id=ids.job_id(), tenant=tenant, model=model, status=JobStatus(status).value,
+        spec=spec.model_dump(mode="json"), training_file=training_file, validation_file=validation_file,
+        training_dataset=training_dataset.model_dump(mode="json") if training_dataset else None,
+        validation_dataset=validation_dataset.model_dump(mode="json") if validation_dataset else None,
+        suffix=suffix, job_metadata=dict(metadata) if metadata is not None else None,
+        progress=JobProgress().model_dump(mode="json"), cancel_requested=False, attempts=0,
+        created_at=utcnow(), result={},
     )
 
 
@@ -450,19 +480,49 @@ class Store:
                    validation_file: str | None = None, training_dataset: DatasetSource | None = None,
                    validation_dataset: DatasetSource | None = None, suffix: str | None = None,
                    metadata: dict[str, str] | None = None, status: JobStatus = JobStatus.queued) -> Job:
-        row = JobRow(
-            id=ids.job_id(), tenant=tenant, model=model, status=JobStatus(status).value,
-            spec=spec.model_dump(mode="json"), training_file=training_file, validation_file=validation_file,
-            training_dataset=training_dataset.model_dump(mode="json") if training_dataset else None,
-            validation_dataset=validation_dataset.model_dump(mode="json") if validation_dataset else None,
-            suffix=suffix, job_metadata=dict(metadata) if metadata is not None else None,
-            progress=JobProgress().model_dump(mode="json"), cancel_requested=False, attempts=0,
-            created_at=utcnow(), result={},
-        )
+        row = _new_job_row(tenant=tenant, model=model, spec=spec, training_file=training_file,
+                           validation_file=validation_file, training_dataset=training_dataset,
+                           validation_dataset=validation_dataset, suffix=suffix, metadata=metadata, status=status)
         with self._write() as s:
             s.add(row)
             s.flush()
             return _job(row)
+
+    def create_job_once(self, *, idempotency_key: str, fingerprint: str, tenant: str, **job: Any) -> tuple[Job, bool]:
+        """create_job, unless this tenant already created a job with `idempotency_key`: then that
+        job (as it is now) and False. The same key with another request body (`fingerprint`) is a
+        Conflict: a key names one request."""
+        for _ in range(2):
+            try:
+                with self._write() as s:
+                    found = self._job_for_key(s, tenant, idempotency_key, fingerprint)
+                    if found is not None:
+                        return found, False
+                    row = _new_job_row(tenant=tenant, **job)
+                    s.add(row)
+                    s.flush()
+                    s.add(IdempotencyKeyRow(tenant=tenant, key=idempotency_key, fingerprint=fingerprint,
+                                            job_id=row.id, created_at=row.created_at))
+                    s.flush()
+                    return _job(row), True
+            except SAIntegrityError:
+                # Another process committed this key in between (PostgreSQL; SQLite writers are
+                # serialized): this transaction rolled back, and the next pass reads theirs.
+                continue
+        raise Conflict("the idempotency key is being used by a concurrent request", param="Idempotency-Key",
+                       code="idempotency_key_in_use")  # pragma: no cover - their row vanished (rolled back)
+
+    @staticmethod
+    def _job_for_key(s: Session, tenant: str, key: str, fingerprint: str) -> Job | None:
+        found = s.execute(sa.select(IdempotencyKeyRow, JobRow).join(JobRow, JobRow.id == IdempotencyKeyRow.job_id)
+                          .where(IdempotencyKeyRow.tenant == tenant, IdempotencyKeyRow.key == key)).one_or_none()
+        if found is None:
+            return None
+        key_row, job_row = found
+        if key_row.fingerprint != fingerprint:
+            raise Conflict(f"Idempotency-Key {key!r} was used for a different request (job {job_row.id}); "
+                           "use a new key for a new request", param="Idempotency-Key", code="idempotency_key_reused")
+        return _job(job_row)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         with self._read() as s:
@@ -526,6 +586,7 @@ class Store:
         """Undo a job whose enqueue failed (no orphan rows: its events go too)."""
         with self._write() as s:
             s.execute(sa.delete(EventRow).where(EventRow.job_id == job_id))
+            s.execute(sa.delete(IdempotencyKeyRow).where(IdempotencyKeyRow.job_id == job_id))
             s.execute(sa.delete(JobRow).where(JobRow.id == job_id))
 
     def update_progress(self, job_id: str, progress: JobProgress, *, trained_tokens: int | None = None) -> None:

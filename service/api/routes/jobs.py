@@ -4,10 +4,12 @@ Nothing here imports torch or the training code: checkpoints are listed through
 service.core.checkpoints, which reads their on-disk layout."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
 
 from service.api.deps import QueueDep, SettingsDep, StateDep, StoreDep, TenantDep
 from service.api.paging import page_after
@@ -33,6 +35,7 @@ log = logging.getLogger("tuneserve.api.jobs")
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=error_responses())
 
 MAX_METADATA_KEYS = 16
+MAX_IDEMPOTENCY_KEY = 255
 
 
 def _check_source(src: DatasetSource, settings: Settings, param: str, problems: list[dict[str, Any]]) -> None:
@@ -120,15 +123,44 @@ def validate_job(body: JobCreate, *, state, store: Store, settings: Settings, te
     return spec
 
 
-@router.post("", response_model=JobPublic)
+def check_idempotency_key(key: str) -> str:
+    """An Idempotency-Key is 1-255 visible ASCII characters (what a header can carry as is)."""
+    if not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY or not all("!" <= ch <= "~" for ch in key):
+        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters",
+                           param="Idempotency-Key")
+    return key
+
+
+def request_fingerprint(body: JobCreate) -> str:
+    """The request as parsed, so a retry that serializes the same body differently still matches."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@router.post("", response_model=JobPublic, responses=error_responses(409))
 def create_job(body: JobCreate, tenant: TenantDep, store: StoreDep, queue: QueueDep, settings: SettingsDep,
-               state: StateDep) -> JobPublic:
+               state: StateDep,
+               # Out of the OpenAPI schema (README documents it): generated requests reusing one
+               # key with different bodies would be refused, which is right but not "positive data".
+               idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key",
+                                                             include_in_schema=False)] = None) -> JobPublic:
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     spec = validate_job(body, state=state, store=store, settings=settings, tenant=tenant)
+    fields = dict(model=state.base_model_name, spec=spec,
+                  training_file=body.training_file, validation_file=body.validation_file,
+                  training_dataset=body.training_dataset, validation_dataset=body.validation_dataset,
+                  suffix=body.suffix, metadata=body.metadata)
     # The row commits first; the task carries only its id (the store is the truth).
-    job = store.create_job(tenant=tenant, model=state.base_model_name, spec=spec,
-                           training_file=body.training_file, validation_file=body.validation_file,
-                           training_dataset=body.training_dataset, validation_dataset=body.validation_dataset,
-                           suffix=body.suffix, metadata=body.metadata)
+    if idempotency_key is None:
+        job = store.create_job(tenant=tenant, **fields)
+    else:
+        job, created = store.create_job_once(idempotency_key=idempotency_key, fingerprint=request_fingerprint(body),
+                                             tenant=tenant, **fields)
+        if not created:  # a retry: that request enqueued it (or rolled it back, and then its key went too)
+            log.info("job create replayed for its idempotency key", extra={"job_id": job.id, "tenant": tenant})
+            state.metrics.jobs_replayed.inc()
+            return JobPublic.from_domain(job)
     try:
         queue.enqueue(job.id)
     except TuneserveError:
