@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from datetime import timezone
 
 import pytest
@@ -243,13 +242,14 @@ def test_create_job_once_race_one_job(store: Store, db_url: str):
             got: list[tuple[str, bool]] = []
             lock = threading.Lock()
 
-            def submit(st: Store):
+            def submit(st: Store, key: str, barrier: threading.Barrier, got: list, lock: threading.Lock):
                 barrier.wait()
-                job, created = _job_once(st, f"race-{n}")
+                job, created = _job_once(st, key)
                 with lock:
                     got.append((job.id, created))
 
-            threads = [threading.Thread(target=submit, args=(st,)) for st in [store, other, store, other]]
+            threads = [threading.Thread(target=submit, args=(st, f"race-{n}", barrier, got, lock))
+                       for st in [store, other, store, other]]
             for t in threads:
                 t.start()
             for t in threads:
@@ -347,7 +347,7 @@ def test_heartbeat_and_stale_running_jobs(store: Store):
     assert [j.id for j in stale] == [a.id]  # b beat recently; c is not running
     assert store.get_job(b.id).worker_id == "w2b"
     assert store.get_job(b.id).heartbeat_at.tzinfo is not None
-    time.sleep(0.01)
+    age_heartbeats(store, 1, b.id)  # "older than 0 s" made so, not slept into
     assert {j.id for j in store.stale_running_jobs(0)} == {a.id, b.id}
     with pytest.raises(NotFound):
         store.heartbeat("ftjob-000000000000000000000000", "w")

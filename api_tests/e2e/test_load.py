@@ -16,6 +16,7 @@ import statistics
 import time
 import uuid
 from collections import Counter
+from functools import partial
 
 import httpx
 import pytest
@@ -70,7 +71,7 @@ async def _submit_all(url: str, body: dict) -> tuple[list[tuple[int, str | None]
                     # The same body and Idempotency-Key on every attempt of this submission.
                     job = {**body, "metadata": {"client": str(i), "n": str(j)}}
                     key = {"Idempotency-Key": f"load-{run}-{i}-{j}"}
-                    r = await _with_retries(lambda: http.post("/v1/fine_tuning/jobs", json=job, headers=key),
+                    r = await _with_retries(partial(http.post, "/v1/fine_tuning/jobs", json=job, headers=key),
                                             dropped)
                 except httpx.HTTPError as exc:  # reported with the refusals, not as a crash of the loop
                     answers.append((0, repr(exc)))

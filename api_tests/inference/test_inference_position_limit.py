@@ -97,8 +97,10 @@ def test_a_failing_prefill_ends_only_its_own_request(gpt2, monkeypatch):
     poisoned = _prompt(gpt2, 20)
     from service.models import render_chat
     poisoned_ids = render_chat(gpt2.tokenizer, [{"role": "user", "content": poisoned}])
+    from harness import DecodeGate
+
     runner = gpt2._runner
-    orig_prefill, orig_decode = runner.prefill, runner.decode
+    orig_prefill = runner.prefill
     batches: list[int] = []
 
     def prefill(slots, prompts, hw):
@@ -106,24 +108,31 @@ def test_a_failing_prefill_ends_only_its_own_request(gpt2, monkeypatch):
         if any(list(p) == poisoned_ids for p in prompts):
             raise IndexError("index out of range in self")
         return orig_prefill(slots, prompts, hw)
-
-    def slow_decode(*a, **kw):  # keeps the loop in a step while both requests arrive together
-        time.sleep(0.05)
-        return orig_decode(*a, **kw)
     monkeypatch.setattr(runner, "prefill", prefill)
-    monkeypatch.setattr(runner, "decode", slow_decode)
     healthy = request("hello world", max_tokens=6)
     expected = run(gpt2.generate(healthy)).text
+    # The loop is held in the busy request's first decode step until both requests have been
+    # admitted (queued), so its next prefill takes them together (not a sleep long enough here).
+    gate = DecodeGate(runner, hold_at=1)
+    monkeypatch.setattr(runner, "decode", gate)
+
+    async def until(predicate, what):
+        end = time.monotonic() + 60
+        while not predicate():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            await asyncio.sleep(0.005)
 
     async def go():
         busy = asyncio.ensure_future(gpt2.generate(request("the quick brown fox", max_tokens=30)))
-        while gpt2.stats()["running"] == 0:
-            await asyncio.sleep(0.005)
-        results = await asyncio.gather(gpt2.generate(request(poisoned, max_tokens=6)), gpt2.generate(healthy),
-                                       return_exceptions=True)
-        return results, await busy
+        await until(gate.held.is_set, "the busy request's first decode step")
+        both = asyncio.gather(gpt2.generate(request(poisoned, max_tokens=6)), gpt2.generate(healthy),
+                              return_exceptions=True)
+        await until(lambda: gpt2.stats()["queue_depth"] == 2, "both requests queued")
+        gate.release()
+        return await both, await busy
     (bad, good), busy = run(go())
     assert isinstance(bad, ServiceUnavailable) and "prefill failed" in str(bad)
     assert not isinstance(good, BaseException) and good.text == expected
     assert busy.finish_reason in ("length", "stop")
     assert 2 in batches, f"the two requests were never prefilled together: {batches}"
+    assert not gate.hold_timed_out

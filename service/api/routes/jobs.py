@@ -147,10 +147,10 @@ def create_job(body: JobCreate, tenant: TenantDep, store: StoreDep, queue: Queue
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key)
     spec = validate_job(body, state=state, store=store, settings=settings, tenant=tenant)
-    fields = dict(model=state.base_model_name, spec=spec,
-                  training_file=body.training_file, validation_file=body.validation_file,
-                  training_dataset=body.training_dataset, validation_dataset=body.validation_dataset,
-                  suffix=body.suffix, metadata=body.metadata)
+    fields = {"model": state.base_model_name, "spec": spec,
+              "training_file": body.training_file, "validation_file": body.validation_file,
+              "training_dataset": body.training_dataset, "validation_dataset": body.validation_dataset,
+              "suffix": body.suffix, "metadata": body.metadata}
     # The row commits first; the task carries only its id (the store is the truth).
     if idempotency_key is None:
         job = store.create_job(tenant=tenant, **fields)
