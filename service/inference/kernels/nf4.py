@@ -214,10 +214,11 @@ def lut_asm(values) -> str:
 
 
 @triton.jit
-def _codes(p, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr, dtype: tl.constexpr):
-    """Table entries of the high and low nibbles of packed bytes `p` (uint8)."""
+def _codes(p, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr):
+    """Table entries (the table's dtype) of the high and low nibbles of packed bytes `p` (uint8)."""
     if LUT_ASM:
-        hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(dtype, dtype), is_pure=True, pack=4)
+        ty = lut_ptr.dtype.element_ty
+        hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(ty, ty), is_pure=True, pack=4)
     else:
         q = p.to(tl.int32)
         hi = tl.load(lut_ptr + (q >> 4))
@@ -249,7 +250,6 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
     w_tile = w_ptr + n_in.to(tl.int64)[:, None] * kbytes + j[None, :]              # [BLOCK_N, HALF]
     x_even = x_ptr + rows_in.to(tl.int64)[None, :] * stride_xm + 2 * j[:, None]   # [HALF, BLOCK_M]
     blk_row = n_in.to(tl.int64) * nblocks
-    dtype: tl.constexpr = x_ptr.dtype.element_ty
     step0 = pid_k * steps_per_split
     step1 = tl.minimum(step0 + steps_per_split, K // STEP_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -257,7 +257,7 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
         p = tl.load(w_tile + step * HALF)
         xe = tl.load(x_even + step * STEP_K)
         xo = tl.load(x_even + step * STEP_K + 1)
-        hi, lo = _codes(p, lut_ptr, LUT_ASM, ASM, dtype)
+        hi, lo = _codes(p, lut_ptr, LUT_ASM, ASM)
         if DOT_F32:  # the interpreter (bf16 dot unreliable there) and float32 inputs
             xe = xe.to(tl.float32)
             xo = xo.to(tl.float32)
@@ -267,7 +267,7 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
             d = tl.dot(hi, xe)
             d = tl.dot(lo, xo, d)
         if SPLIT_CODE:
-            hi2, lo2 = _codes(p, lut2_ptr, LUT_ASM, ASM2, dtype)
+            hi2, lo2 = _codes(p, lut2_ptr, LUT_ASM, ASM2)
             if DOT_F32:
                 d = tl.dot(hi2.to(tl.float32), xe, d, input_precision="ieee")
                 d = tl.dot(lo2.to(tl.float32), xo, d, input_precision="ieee")
