@@ -203,16 +203,21 @@ def floor(best: dict) -> None:
             ws.append((p, K.operands(p), k, n))
     nbytes = sum(p.data.numel() for p, _, _, _ in ws)
     out = []
-    for m in (1, 8, 32, 128):
+    from service.core.config import Settings
+
+    fields = Settings.model_fields
+    served = (fields["nf4_kernel_min_rows"].default, fields["nf4_kernel_max_rows"].default)
+    rec("floor_served_rows", served)
+    for m in (1, 2, 8, 32, 64, 128):
         xs = {k: torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for k in (4096, 13696)}
 
         def bnb_step():
             for p, _, k, _ in ws:
                 bnb.matmul_4bit(xs[k], p.t(), quant_state=p.quant_state)
 
-        def ours_step():
+        def ours_step():  # what the engine runs by default: ours inside the setting's row range
             for p, o, k, _ in ws:
-                K.nf4_matmul(xs[k], p, ops=o)
+                K.nf4_matmul(xs[k], p, ops=o, min_rows=served[0], max_rows=served[1])
 
         def previous_step():  # last round's kernels: GEMV at 1-2 rows, 3-D tile GEMM above
             for p, o, k, n in ws:

@@ -156,6 +156,9 @@ def test_entry_point_shapes_and_fallbacks():
     xo = torch.randn(3, 96).to(torch.bfloat16).to(DEVICE)
     ref = bnb.matmul_4bit(xo, odd.t(), quant_state=odd.quant_state)
     assert torch.equal(kernels.nf4_matmul(xo, odd), ref)
+    # Fewer rows than the caller's range (one row, where bitsandbytes' GEMV is faster): bitsandbytes.
+    x1 = torch.randn(1, 256).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(kernels.nf4_matmul(x1, p, min_rows=2), bnb.matmul_4bit(x1, p.t(), quant_state=p.quant_state))
     # More rows than the kernels serve (a prefill): bitsandbytes too.
     xl = torch.randn(kernels.MAX_KERNEL_ROWS + 1, 256).to(torch.bfloat16).to(DEVICE)
     assert torch.equal(kernels.nf4_matmul(xl, p), bnb.matmul_4bit(xl, p.t(), quant_state=p.quant_state))

@@ -174,13 +174,17 @@ class MmaConfig:
 
 
 def mma_config(m: int) -> MmaConfig:
+    """Per row count, the config with the least total time over ChatGLM3's four projection
+    shapes in bench/kernels.py's sweep (H200; 33-64 rows interpolated, not swept)."""
+    if m <= 1:
+        return MmaConfig(block_n=256, block_m=16, num_stages=3, target_programs=264)
     if m <= 16:
-        return MmaConfig(block_m=16)
+        return MmaConfig(block_n=128, block_m=16, num_stages=4, target_programs=528)
     if m <= 32:
-        return MmaConfig(block_m=32)
+        return MmaConfig(block_n=128, block_m=32, num_stages=3, target_programs=264)
     if m <= 64:
-        return MmaConfig(block_m=64, num_warps=8)
-    return MmaConfig(block_m=128, num_warps=8)
+        return MmaConfig(block_n=128, block_m=64, num_stages=3, target_programs=264)
+    return MmaConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, target_programs=264)
 
 
 def mma_split(ops: NF4Operands, m: int, cfg: MmaConfig) -> tuple[int, int]:
@@ -225,16 +229,16 @@ def _bnb_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
 
 
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
-               ops: NF4Operands | None = None, max_rows: int = MAX_KERNEL_ROWS) -> torch.Tensor:
+               ops: NF4Operands | None = None, max_rows: int = MAX_KERNEL_ROWS, min_rows: int = 1) -> torch.Tensor:
     """`x @ dequantize_4bit(weight).T (+ bias)` for x `[..., K]` and an NF4 `Params4bit`.
 
     `ops` (from `operands(weight)`) may be passed to skip re-deriving the views per call;
-    more than `max_rows` rows go to bitsandbytes."""
+    fewer than `min_rows` or more than `max_rows` rows go to bitsandbytes (where it is faster)."""
     ops = ops or operands(weight)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if (ops is None or not available(x.device) or m == 0 or m > min(max_rows, MAX_KERNEL_ROWS)
+    if (ops is None or not available(x.device) or m < max(min_rows, 1) or m > min(max_rows, MAX_KERNEL_ROWS)
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != ops.k
             or x.device != ops.packed.device):
         return _bnb_matmul(x, weight, bias)
