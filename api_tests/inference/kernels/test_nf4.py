@@ -72,7 +72,8 @@ CASES = [  # (rows, out N, in K, nested, dtype, blocksize, bias)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
                          f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
-def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
+def case_operands(case):
+    """(weight, its kernel operands, x, bias) of one CASES row, seeded by its shape."""
     m, n, k, nested, dtype, bs, has_bias = case
     p = quantized(n, k, nested=nested, dtype=dtype, blocksize=bs, seed=m * 31 + n)
     g = torch.Generator().manual_seed(n + k)
@@ -80,6 +81,12 @@ def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
     bias = torch.randn(n, generator=g).to(dtype).to(DEVICE) if has_bias else None
     ops = kernels.operands(p)
     assert ops is not None and ops.nested == nested
+    return p, ops, x, bias
+
+
+def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
+    m, n, dtype = case[0], case[1], case[4]
+    p, ops, x, bias = case_operands(case)
     for launch in (kernels.launch_gemv, kernels.launch_gemm):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # poison: every element written
         launch(x, ops, out, bias)
@@ -108,12 +115,8 @@ def test_mma_kernel_is_faithful_to_exact_nf4(case):
     """`_nf4_mma` scales each block's dot by its absmax, so it computes with the exact (float32)
     NF4 weights rather than their bf16-rounded copy: it is held to that exact value, with and
     without K split across programs (partial sums added by the reduce kernel)."""
-    m, n, k, nested, dtype, bs, has_bias = case
-    p = quantized(n, k, nested=nested, dtype=dtype, blocksize=bs, seed=m * 31 + n)
-    g = torch.Generator().manual_seed(n + k)
-    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
-    bias = torch.randn(n, generator=g).to(dtype).to(DEVICE) if has_bias else None
-    ops = kernels.operands(p)
+    m, n, dtype = case[0], case[1], case[4]
+    p, ops, x, bias = case_operands(case)
     whole = kernels.MmaConfig(block_n=16, block_m=16, target_programs=1)
     split = dataclasses.replace(whole, block_n=32, target_programs=64, min_steps=1)
     assert kernels.mma_split(ops, m, whole)[0] == 1 and kernels.mma_split(ops, m, split)[0] > 1
