@@ -211,7 +211,7 @@ class InferenceEngine:
             self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,
             capacity_columns=runner.capacity, bytes_per_column=runner.bytes_per_column,
             cpu_capacity=settings.adapter_cpu_cache_size, wake=self._wake.set,
-            pin_memory=runner.device.type == "cuda")
+            pin_memory=runner.device.type == "cuda", loader_threads=settings.adapter_loader_threads)
         log.info("inference engine: base %s on %s, %d slots x %d tokens, LoRA on %s "
                  "(%d rank columns = %d bytes)", self.base_model_name, self.device,
                  settings.max_batch_size, self.max_seq_len, sorted(served), runner.capacity,
