@@ -131,6 +131,7 @@ class InferenceEngine:
         self._inflight: _Step | None = None  # launched decode step whose ids are not read yet
         self._step_no = 0
         self.counters = collections.Counter()
+        self.step_times = StepTimes()
 
     def _load_ref(self) -> str:
         """The identity's ref; the demo model is built on first use (as the launcher does)."""
@@ -352,12 +353,16 @@ class InferenceEngine:
                     self._wake.clear()
                     while self._inbox:
                         self._waiting.append(self._inbox.popleft())
+                    uploads, prefills = self._cache.counters["uploads"], self.counters["prefill_batches"]
                     self._cache.service_uploads(self._runner)
                     self._reap(time.monotonic())
                     self._admit()
                     launched = self._launch() if self._running else None
                     if self._inflight is not None:
                         self._complete(self._inflight)
+                    self.step_times.mark(completed=self._inflight is not None, continuing=launched is not None,
+                                         uploaded=self._cache.counters["uploads"] != uploads,
+                                         prefilled=self.counters["prefill_batches"] != prefills)
                     self._inflight = launched
                     self._flush()
                     if not self._running and self._inflight is None:
@@ -589,6 +594,45 @@ class InferenceEngine:
             out["memory"] = runner.memory()
         if self._cache is not None:
             out["adapters"] = self._cache.stats()
+        out["step_ms"] = self.step_times.summary()
+        return out
+
+
+class StepTimes:
+    """Wall time between consecutive decode-step completions while decoding continues (the
+    loop keeps one step in flight, so this is a step's time as the GPU runs it plus whatever
+    the loop did between steps), kept apart by what else that iteration did: nothing, an
+    adapter upload into the GPU pool, or a prefill. Shows whether uploads stall decoding.
+    Work enqueued in one iteration runs on the GPU before the step launched after it, so it
+    lands in this interval or the next: both are labelled with it."""
+
+    def __init__(self, keep: int = 4096):
+        self._times: dict[str, collections.deque] = {
+            kind: collections.deque(maxlen=keep) for kind in ("plain", "upload", "prefill")}
+        self._last: float | None = None
+        self._before = (False, False)  # (uploaded, prefilled) in the previous iteration
+
+    def mark(self, *, completed: bool, continuing: bool, uploaded: bool, prefilled: bool) -> None:
+        now = time.perf_counter()
+        if completed and self._last is not None:
+            kind = ("prefill" if prefilled or self._before[1] else
+                    "upload" if uploaded or self._before[0] else "plain")
+            self._times[kind].append(now - self._last)
+        self._last = now if completed and continuing else None
+        self._before = (uploaded, prefilled)
+
+    def reset(self) -> None:
+        for times in self._times.values():
+            times.clear()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind, times in self._times.items():
+            ordered = sorted(times)
+            if ordered:
+                out[kind] = {"n": len(ordered), "p50": round(ordered[len(ordered) // 2] * 1e3, 3),
+                             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3, 3),
+                             "max": round(ordered[-1] * 1e3, 3)}
         return out
 
 
