@@ -2,8 +2,6 @@
 engine and worker (and the manifest, which records the public id, not a host path)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from service.core.config import CHATGLM3_HUB_ID, DEMO_MODEL_NAME, Settings
 from service.core.domain import BASE_ADAPTER
 from service.core.identity import BaseModelIdentity, chosen_ref, demo_dir, load_ref, public_id
@@ -36,11 +34,3 @@ def test_is_base_accepts_every_spelling_once(tmp_path):
     assert all(ident.is_base(n) for n in ("my-base", str(local), BASE_ADAPTER, None, ""))
     assert not ident.is_base("ft-ads-123")
 
-
-def test_manifest_records_the_public_id(tmp_path):
-    from workers.tasks import _manifest_fields
-
-    s = Settings(data_dir=tmp_path)
-    job = SimpleNamespace(id="ftjob-1", model=DEMO_MODEL_NAME, spec=SimpleNamespace(model_dump=lambda mode: {}))
-    outcome = SimpleNamespace(manifest={"base_model": str(demo_dir(s))}, trained_tokens=1, metrics={})
-    assert _manifest_fields(outcome, job, s)["base_model"] == DEMO_MODEL_NAME
