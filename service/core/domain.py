@@ -447,6 +447,9 @@ class SamplingParams(BaseModel):
 class GenerationRequest(BaseModel):
     tenant: str
     adapter: str = BASE_ADAPTER  # adapter name in the tenant's registry, or BASE_ADAPTER
+    # The version the caller already looked up (so a request reads the registry once); None:
+    # the engine looks up the latest itself.
+    adapter_version: int | None = None
     messages: list[ChatMessage]
     params: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str | None = None

@@ -280,7 +280,7 @@ class InferenceEngine:
             deadline = time.monotonic() + max(0.0, timeout)
             adapter = BASE_ADAPTER if self._is_base(req.adapter) else req.adapter
             if adapter != BASE_ADAPTER:
-                lease = await self._cache.acquire(req.tenant, adapter, deadline)
+                lease = await self._cache.acquire(req.tenant, adapter, deadline, req.adapter_version)
             r = _Request(
                 id=req.request_id or f"gen-{uuid.uuid4().hex[:16]}", tenant=req.tenant, adapter=adapter,
                 adapter_version=lease.entry.version if lease else None, lease=lease,
