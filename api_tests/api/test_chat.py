@@ -281,6 +281,7 @@ def test_export_chatglm3_layout(client, adapter):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
     cfg = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("adapter_config.json"))))
     assert "query_key_value" in json.dumps(cfg["target_modules"])
+    assert cfg["base_model_name_or_path"] == "chatglm3-tiny"  # the manifest's base, not a fixed hub id
     r = client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_A, params={"format": "chatglm3", "archive": "tar"})
     assert r.status_code == 200
     members = [m.name for m in tarfile.open(fileobj=io.BytesIO(r.content))]

@@ -34,3 +34,21 @@ def test_is_base_accepts_every_spelling_once(tmp_path):
     assert all(ident.is_base(n) for n in ("my-base", str(local), BASE_ADAPTER, None, ""))
     assert not ident.is_base("ft-ads-123")
 
+
+
+def test_one_device_rule():
+    """The engine and the trainer both use device_for (through service.models.resolve_device)."""
+    import pytest
+
+    from service.core.errors import InvalidInput
+    from service.core.identity import device_for
+
+    assert device_for("auto", has_cuda=True) == device_for("", has_cuda=True) == device_for(None, has_cuda=True) == "cuda:0"
+    assert device_for("auto", has_cuda=False) == device_for("cpu", has_cuda=True) == "cpu"
+    assert device_for("cuda", has_cuda=True) == "cuda:0" and device_for("cuda:1", has_cuda=True) == "cuda:1"
+    for bad, has_cuda in (("cuda", False), ("cuda:0", False), ("tpu", True), ("cuda:x", True)):
+        with pytest.raises(InvalidInput) as e:
+            device_for(bad, has_cuda=has_cuda)
+        assert e.value.param == "device"
+    with pytest.raises(InvalidInput, match="CUDA is not available"):
+        device_for("cuda", has_cuda=False)

@@ -27,7 +27,7 @@ from workers.training import checkpoint as ckpt
 from workers.training.data import (Conversations, Example, conversations_list, fingerprint, length_stats,
                                    tokenize_conversations, total_steps)
 from workers.training.loop import Dist, LoopState, TrainLoop, make_optimizer
-from workers.training.model import check_packing, load_trainable, resolve_device
+from workers.training.model import check_packing, load_trainable
 from workers.training.plan import (GiB, MemoryModel, MemoryPlan, choose_plan, dense_layer_bytes, device_budget,
                                    model_shape)
 
@@ -182,7 +182,12 @@ class LoRAFinetuneRecipe:
 
     def _setup_device(self) -> None:
         """Rank info and device under torchrun (WORLD_SIZE > 1), else one process."""
-        device = resolve_device(self.cfg.device)
+        from service.models import resolve_device
+
+        try:
+            device = resolve_device(self.cfg.device)  # the engine's rule too (service.core.identity)
+        except InvalidInput as exc:
+            raise TrainingError(exc.message, code="internal", param="device") from exc
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:
             import torch.distributed as dist
@@ -197,28 +202,32 @@ class LoRAFinetuneRecipe:
         self.device = device
 
     def _setup_base_model(self) -> None:
+        """The base's identity resolved once (service.models.identity, as the engine does):
+        files, family, fingerprint, default targets, position limit."""
         from transformers import AutoConfig
 
-        from service.models import base_model_fingerprint, default_lora_targets, load_tokenizer, model_family
-        from service.models import position_limit, resolve_base_model
+        from service.core.identity import BaseModelIdentity
+        from service.models import load_tokenizer, resolve_identity
 
         ref = self.cfg.base_model_ref
+        named = BaseModelIdentity(ref=ref, public_id=self.cfg.base_model_id or ref, aliases=frozenset())
         try:
-            self.model_path = resolve_base_model(ref, Path(self.cfg.models_cache_dir))
+            self.base = resolve_identity(named, Path(self.cfg.models_cache_dir), device=self.device)
         except InvalidInput as exc:
             raise TrainingError(exc.message, code="model_not_found", param="model") from exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise TrainingError(f"base model {ref!r}: {exc}", code="model_not_found", param="model") from exc
+        self.model_path = self.base.path
         try:
             self.tokenizer = load_tokenizer(self.model_path)
             self.model_config = AutoConfig.from_pretrained(str(self.model_path))
         except (OSError, ValueError) as exc:
             raise TrainingError(f"base model {ref!r} cannot be loaded: {exc}",
                                 code="model_not_found", param="model") from exc
-        self.family = model_family(self.model_config)
-        self.max_positions = position_limit(self.model_config)
-        self.fingerprint = base_model_fingerprint(self.model_path)
-        self.targets = list(self.spec.lora_target_modules or default_lora_targets(self.family))
+        self.family = self.base.family
+        self.max_positions = self.base.position_limit
+        self.fingerprint = self.base.fingerprint
+        self.targets = list(self.spec.lora_target_modules or self.base.default_targets)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _setup_data(self) -> None:
@@ -395,7 +404,7 @@ class LoRAFinetuneRecipe:
 
     def draft(self) -> AdapterDraft:
         spec = self.spec
-        return AdapterDraft(base_model=self.cfg.base_model_id or self.cfg.base_model_ref,
+        return AdapterDraft(base_model=self.base.public_id,
                             base_model_fingerprint=self.fingerprint, model_family=self.family,
                             target_modules=self.targets, r=spec.lora_r, lora_alpha=spec.lora_alpha,
                             job_id=self.cfg.job_id)
