@@ -131,3 +131,24 @@ def test_validation_loss_quality_table_and_checkpoints(tmp_path, models_cache):
     cks = list_checkpoints(tmp_path / "job")
     assert [c["step"] for c in cks] == [2]  # the final step is the adapter, not a checkpoint
     assert cks[0]["loss"] > 0 and cks[0]["created_at"]
+
+
+def test_one_cleanup_destroys_the_process_group_once_on_failure(tmp_path, models_cache, monkeypatch):
+    """A data-parallel rank that fails after joining the group (here: its base model is gone)
+    leaves through the recipe's one cleanup, which destroys the group it started, once."""
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    state = {"up": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(f"init {backend}") or state.update(up=True))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy") or state.update(up=False))
+    run = make_run(tmp_path, models_cache, TrainingSpec(max_steps=1, batch_size=2, **FAST), conversations(2))
+    run.base_model_ref = str(tmp_path / "no-such-model")
+    with pytest.raises(TrainingError) as e:
+        run_training(run, RecordingProgress())
+    assert e.value.code == "model_not_found"
+    assert calls == ["init gloo", "destroy"]
