@@ -117,7 +117,7 @@ def test_mma_kernel_is_faithful_to_exact_nf4(case):
     whole = kernels.MmaConfig(block_n=16, block_m=16, target_programs=1)
     split = dataclasses.replace(whole, block_n=32, target_programs=64, min_steps=1)
     assert kernels.mma_split(ops, m, whole)[0] == 1 and kernels.mma_split(ops, m, split)[0] > 1
-    for cfg in (whole, split):
+    for cfg in (whole, split, dataclasses.replace(split, swap=False)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         kernels.launch_mma(x, ops, out, bias, cfg)
         assert_faithful(out, x, p, bias, weights="float32", code_error=CODE_ERROR[dtype])

@@ -171,6 +171,7 @@ class MmaConfig:
     min_steps: int = 4           # ... but give each split at least this many 64-wide K steps
     split_code: bool = True      # hi + lo code (exact); False: one bf16 code (2^-9 per weight)
     lut_asm: bool = True         # byte permutes in registers; False: table loads
+    swap: bool = True            # weights as the dot's left operand (MMA M = output features)
 
 
 def mma_config(m: int) -> MmaConfig:
@@ -212,7 +213,7 @@ def launch_mma(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch
         NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1, SPLIT_CODE=split_code, LUT_ASM=asm,
         ASM=table.asm_hi if asm else "", ASM2=table.asm_lo if asm else "",
-        DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32,
+        DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32, SWAP=cfg.swap,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024

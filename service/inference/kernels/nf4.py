@@ -231,7 +231,8 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
              M, N, K, stride_xm, stride_ym, steps_per_split,
              NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLIT_CODE: tl.constexpr,
-             LUT_ASM: tl.constexpr, ASM: tl.constexpr, ASM2: tl.constexpr, DOT_F32: tl.constexpr):
+             LUT_ASM: tl.constexpr, ASM: tl.constexpr, ASM2: tl.constexpr, DOT_F32: tl.constexpr,
+             SWAP: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -247,45 +248,73 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
     kbytes = K // 2
     nblocks = K // BLOCKSIZE
     j = tl.arange(0, HALF)
-    w_tile = w_ptr + n_in.to(tl.int64)[:, None] * kbytes + j[None, :]              # [BLOCK_N, HALF]
-    x_even = x_ptr + rows_in.to(tl.int64)[None, :] * stride_xm + 2 * j[:, None]   # [HALF, BLOCK_M]
+    if SWAP:  # weights [BLOCK_N, HALF] as the left operand, activations [HALF, BLOCK_M]
+        w_tile = w_ptr + n_in.to(tl.int64)[:, None] * kbytes + j[None, :]
+        x_even = x_ptr + rows_in.to(tl.int64)[None, :] * stride_xm + 2 * j[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:     # activations [BLOCK_M, HALF] on the left, weights [HALF, BLOCK_N] on the right
+        w_tile = w_ptr + n_in.to(tl.int64)[None, :] * kbytes + j[:, None]
+        x_even = x_ptr + rows_in.to(tl.int64)[:, None] * stride_xm + 2 * j[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     blk_row = n_in.to(tl.int64) * nblocks
     step0 = pid_k * steps_per_split
     step1 = tl.minimum(step0 + steps_per_split, K // STEP_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for step in range(step0, step1):
         p = tl.load(w_tile + step * HALF)
         xe = tl.load(x_even + step * STEP_K)
         xo = tl.load(x_even + step * STEP_K + 1)
-        hi, lo = _codes(p, lut_ptr, LUT_ASM, ASM)
         if DOT_F32:  # the interpreter (bf16 dot unreliable there) and float32 inputs
             xe = xe.to(tl.float32)
             xo = xo.to(tl.float32)
-            d = tl.dot(hi.to(tl.float32), xe, input_precision="ieee")
-            d = tl.dot(lo.to(tl.float32), xo, d, input_precision="ieee")
-        else:
-            d = tl.dot(hi, xe)
-            d = tl.dot(lo, xo, d)
+        d = _code_dots(p, xe, xo, lut_ptr, LUT_ASM, ASM, DOT_F32, SWAP, None)
         if SPLIT_CODE:
-            hi2, lo2 = _codes(p, lut2_ptr, LUT_ASM, ASM2)
-            if DOT_F32:
-                d = tl.dot(hi2.to(tl.float32), xe, d, input_precision="ieee")
-                d = tl.dot(lo2.to(tl.float32), xo, d, input_precision="ieee")
-            else:
-                d = tl.dot(hi2, xe, d)
-                d = tl.dot(lo2, xo, d)
+            d = _code_dots(p, xe, xo, lut2_ptr, LUT_ASM, ASM2, DOT_F32, SWAP, d)
         blk = blk_row + (step * STEP_K) // BLOCKSIZE
         absmax = _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, blk, n_mask, NESTED, BLOCKSIZE2)
-        acc += d * absmax[:, None]
-    mask = n_mask[:, None] & m_mask[None, :]
+        if SWAP:
+            acc += d * absmax[:, None]
+        else:
+            acc += d * absmax[None, :]
+    if SWAP:
+        mask = n_mask[:, None] & m_mask[None, :]
+        out_off = rows.to(tl.int64)[None, :] * stride_ym + n[:, None]
+        part_off = (pid_k * M + rows.to(tl.int64))[None, :] * N + n[:, None]
+        bias_ix = n_in[:, None]
+    else:
+        mask = m_mask[:, None] & n_mask[None, :]
+        out_off = rows.to(tl.int64)[:, None] * stride_ym + n[None, :]
+        part_off = (pid_k * M + rows.to(tl.int64))[:, None] * N + n[None, :]
+        bias_ix = n_in[None, :]
     if not SPLIT:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + n_in).to(tl.float32)[:, None]
-        out = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + n[:, None]
-        tl.store(out, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
+            acc += tl.load(bias_ptr + bias_ix).to(tl.float32)
+        tl.store(y_ptr + out_off, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
     else:
-        part = ws_ptr + (pid_k * M + rows.to(tl.int64))[None, :] * N + n[:, None]
-        tl.store(part, acc, mask=mask)
+        tl.store(ws_ptr + part_off, acc, mask=mask)
+
+
+@triton.jit
+def _code_dots(p, xe, xo, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
+               SWAP: tl.constexpr, acc):
+    """The even and odd K positions' dots with one code table (added to `acc` unless None)."""
+    hi, lo = _codes(p, lut_ptr, LUT_ASM, ASM)
+    if DOT_F32:
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
+        if SWAP:
+            d = tl.dot(hi, xe, acc, input_precision="ieee")
+            d = tl.dot(lo, xo, d, input_precision="ieee")
+        else:
+            d = tl.dot(xe, hi, acc, input_precision="ieee")
+            d = tl.dot(xo, lo, d, input_precision="ieee")
+    else:
+        if SWAP:
+            d = tl.dot(hi, xe, acc)
+            d = tl.dot(lo, xo, d)
+        else:
+            d = tl.dot(xe, hi, acc)
+            d = tl.dot(xo, lo, d)
+    return d
 
 
 @triton.jit
