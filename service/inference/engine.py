@@ -78,17 +78,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    device = (device or "auto").strip()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ServiceUnavailable(f"device {device!r} requested but CUDA is not available")
-    return device
-
-
 class InferenceEngine:
     # Padded prompt tokens one prefill batch may hold (bounds the pause a join causes).
     prefill_tokens_per_batch = 4096
@@ -165,16 +154,21 @@ class InferenceEngine:
     def _setup(self) -> None:
         from service import models
 
-        self.device = _resolve_device(self._device_pref)
         settings = self.settings
-        path = Path(models.resolve_base_model(self._load_ref(), settings.models_dir))
+        try:  # the trainer's resolution (device rule, targets, fingerprint): what it trains, this serves
+            self.identity = models.resolve_identity(self.identity.with_files(ref=self._load_ref()),
+                                                    settings.models_dir, device=self._device_pref)
+        except InvalidInput as exc:
+            if exc.param != "device":
+                raise
+            raise ServiceUnavailable(exc.message) from exc
+        self.device = self.identity.device
+        path = Path(self.identity.path)
         self.model_path = path
         self.tokenizer = models.load_tokenizer(path)
         model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
-        # The trainer's rules (targets, fingerprint), so what it trains is what this serves.
         self._setup_with(model, self.tokenizer, path, stop_ids=models.stop_token_ids(self.tokenizer),
-                         default_targets=models.default_lora_targets(models.model_family(path), model),
-                         fingerprint=models.base_model_fingerprint(path))
+                         default_targets=list(self.identity.default_targets), fingerprint=self.identity.fingerprint)
 
     def _setup_with(self, model, tokenizer, path: Path, *, stop_ids, default_targets,
                     fingerprint: str | None) -> None:
@@ -186,7 +180,8 @@ class InferenceEngine:
 
         settings = self.settings
         self.device = self.device or str(next(model.parameters()).device)
-        self.max_seq_len = min(settings.max_seq_len, position_limit(model.config) or settings.max_seq_len)
+        limit = self.identity.position_limit if self.identity.resolved else position_limit(model.config)
+        self.max_seq_len = min(settings.max_seq_len, limit or settings.max_seq_len)
         self.tokenizer = tokenizer
         self.model_path = Path(path)
         from service.models.chatglm3 import is_chatglm3_tokenizer
@@ -282,7 +277,7 @@ class InferenceEngine:
             deadline = time.monotonic() + max(0.0, timeout)
             adapter = BASE_ADAPTER if self._is_base(req.adapter) else req.adapter
             if adapter != BASE_ADAPTER:
-                lease = await self._cache.acquire(req.tenant, adapter, deadline)
+                lease = await self._cache.acquire(req.tenant, adapter, deadline, req.adapter_version)
             r = _Request(
                 id=req.request_id or f"gen-{uuid.uuid4().hex[:16]}", tenant=req.tenant, adapter=adapter,
                 adapter_version=lease.entry.version if lease else None, lease=lease,
