@@ -159,33 +159,57 @@ def test_sampler_top_k_top_p_and_distribution():
     assert a == b
 
 
-def test_queue_full_answers_retry_after(engine, slow_decode, monkeypatch):
-    slow_decode(0.05)
+async def _fill_slots(engine, stepper) -> list:
+    """Four long requests holding the four slots, the decode loop parked (DecodeStepper): they
+    cannot finish and free a slot, whatever the machine's speed. One step is granted at a time
+    until all four are running (each step lets the loop admit what arrived meanwhile)."""
+    streams = [await engine.stream(request(p, max_tokens=60)) for p in PROMPTS[:4]]
+    while engine.stats()["running"] < 4:
+        target = stepper.grant(1)
+        await _wait_until(lambda t=target: stepper.ran(t) or engine.stats()["running"] == 4, 60, "4 running requests")
+    return streams
+
+
+def test_queue_full_answers_retry_after(engine, monkeypatch):
+    from harness import DecodeStepper
 
     async def go():
-        streams = [await engine.stream(request(p, max_tokens=60)) for p in PROMPTS[:4]]  # fill 4 slots
-        await _wait_until(lambda: engine.stats()["running"] == 4, 60, "4 running requests")
-        monkeypatch.setattr(engine.settings, "max_queue", 2)
-        streams += [await engine.stream(request(PROMPTS[0], max_tokens=60)) for _ in range(2)]  # queued
-        with pytest.raises(QueueFull) as err:
-            await engine.stream(request(PROMPTS[0], max_tokens=60))
-        assert err.value.retry_after >= 1 and err.value.status_code == 429
-        for s in streams:
-            await s.aclose()
+        with DecodeStepper(engine._runner) as stepper:
+            streams = await _fill_slots(engine, stepper)
+            monkeypatch.setattr(engine.settings, "max_queue", 2)
+            streams += [await engine.stream(request(PROMPTS[0], max_tokens=60)) for _ in range(2)]  # queued
+            with pytest.raises(QueueFull) as err:
+                await engine.stream(request(PROMPTS[0], max_tokens=60))
+            assert err.value.retry_after >= 1 and err.value.status_code == 429
+            for s in streams:
+                await s.aclose()
+            assert not stepper.timed_out
         await _wait_idle(engine)
     run(go())
 
 
-def test_timeout_before_first_token_raises(engine, slow_decode):
-    slow_decode(0.05)
+def test_timeout_before_first_token_raises(engine):
+    from harness import DecodeStepper
 
     async def go():
-        # Keep every slot busy so the short request can only wait in the queue.
-        busy = [await engine.stream(request(p, max_tokens=60)) for p in PROMPTS[:4]]
-        with pytest.raises(RequestTimeout):
-            await engine.generate(request(PROMPTS[0], timeout_s=0.2))
-        for s in busy:
-            await s.aclose()
+        with DecodeStepper(engine._runner) as stepper:
+            # Every slot busy, so the short request can only wait in the queue.
+            busy = await _fill_slots(engine, stepper)
+            short = asyncio.ensure_future(engine.generate(request(PROMPTS[0], timeout_s=0.2)))
+            await _wait_until(lambda: engine.stats()["queue_depth"] == 1, 60, "the short request queued")
+            queued_at = time.monotonic()  # after its deadline started
+            await _wait_until(lambda: time.monotonic() > queued_at + 0.2, 60, "its deadline to pass")
+            # A step at a time (the loop reaps it, then flushes its end after the next step's
+            # launch); the long requests keep their slots, a step is far from their 60 tokens.
+            while not short.done():
+                target = stepper.grant(1)
+                await _wait_until(lambda t=target: stepper.ran(t) or short.done(), 60, "the short request to end")
+            with pytest.raises(RequestTimeout):
+                await short
+            assert engine.stats()["running"] == 4  # it timed out waiting, not behind finished requests
+            for s in busy:
+                await s.aclose()
+            assert not stepper.timed_out
         await _wait_idle(engine)
     run(go())
     assert engine.stats()["counters"]["finish_timeout"] >= 1
