@@ -162,8 +162,9 @@ def test_list_pagination_get_cancel_events(client):
     page3 = client.get("/v1/fine_tuning/jobs", headers=AUTH_A,
                        params={"limit": 2, "after": page2["data"][-1]["id"]}).json()
     assert [j["id"] for j in page3["data"]] == newest_first[4:] and page3["has_more"] is False
-    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"after": "ftjob-nope"}), 400,
-                 param="after")
+    # A cursor naming no job of the list: 404 on `after`, as the spec's parameter says.
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"after": "ftjob-nope"}), 404,
+                 param="after", code="not_found")
     assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"limit": 0}), 400, param="limit")
 
     job_id = ids[0]
@@ -212,7 +213,7 @@ def test_cross_tenant_jobs_are_404(client):
         assert_error(client.request(method, path, headers=AUTH_B), 404, code="not_found")
     assert client.get("/v1/fine_tuning/jobs", headers=AUTH_B).json()["data"] == []
     # bob cannot page through alice's list with her cursor either
-    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job_id}), 400)
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job_id}), 404, param="after")
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH_A).json()["status"] == "queued"
 
 

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
 
 from service.core.domain import (
     BASE_LEARNING_RATE,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    SUFFIX_MAX_CHARS,
+    SUFFIX_PATTERN,
     AdapterManifest,
     DatasetFormat,
     DatasetSource,
@@ -27,7 +32,7 @@ from service.core.domain import (
     WebhookEndpoint,
     WebhookEventType,
 )
-from service.core.webhooks import secret_hint
+from service.core.webhooks import MAX_URL_LENGTH, secret_hint
 
 # The organisation every object reports (tenants are internal and never echoed back).
 ORGANIZATION_ID = "org-tuneserve"
@@ -44,6 +49,11 @@ def unix(ts: datetime | None) -> int | None:
 def _num(value: float) -> int | float:
     # OpenAI reports n_epochs / batch_size as ints; keep fractions when they are real.
     return int(value) if float(value).is_integer() else float(value)
+
+
+def _non_null(extra: dict[str, Any]):
+    """json_schema_extra for an optional field: `extra` applies to its non-null branch."""
+    return lambda s: (s["anyOf"][0] if "anyOf" in s else s).update(extra)
 
 
 class ListResponse(BaseModel):
@@ -127,38 +137,100 @@ class FileDeleted(BaseModel):
 # ---------------------------------------------------------------------------------------
 # Fine-tuning jobs
 # ---------------------------------------------------------------------------------------
+def _hyperparameters_schema() -> dict[str, Any]:
+    """`hyperparameters` as TrainingSpec.from_hyperparameters reads it: TrainingSpec's own
+    fields (types, ranges, defaults: its JSON schema, not a copy) beside OpenAI's "auto" and
+    learning_rate_multiplier. Validation stays in TrainingSpec (every problem reported with the
+    request's others); this only states it."""
+    spec = TrainingSpec.model_json_schema()
+    props = dict(spec["properties"])
+    for key in ("n_epochs", "batch_size"):
+        props[key] = {"anyOf": [props[key], {"const": "auto"}], "default": props[key].get("default"),
+                      "title": props[key].get("title")}
+    props["learning_rate_multiplier"] = {
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1000}, {"const": "auto"}, {"type": "null"}],
+        "title": "Learning Rate Multiplier",
+        "description": f"OpenAI's name for the rate: learning_rate = {BASE_LEARNING_RATE:g} x this"}
+    return {
+        "type": "object", "properties": props, "additionalProperties": False,
+        "description": "Every key is optional. micro_batch_size must not exceed batch_size (16 when left "
+                       "out); max_steps, when given, wins over n_epochs.",
+        # A numeric learning_rate_multiplier and a learning_rate name the same thing.
+        "not": {"required": ["learning_rate", "learning_rate_multiplier"],
+                "properties": {"learning_rate_multiplier": {"type": "number"}}},
+    }
+
+
+_HYPERPARAMETERS = WithJsonSchema({"anyOf": [_hyperparameters_schema(), {"type": "null"}]})
+
+
 class SupervisedMethodIn(BaseModel):
-    hyperparameters: dict[str, Any] | None = None
+    hyperparameters: Annotated[dict[str, Any] | None, _HYPERPARAMETERS] = None
 
 
 class MethodIn(BaseModel):
-    """OpenAI's `method`; only supervised fine-tuning exists here."""
-    type: str
+    """OpenAI's `method`; only supervised fine-tuning exists here (routes/jobs.py says so for
+    any other type, which the schema's enum states)."""
+    type: str = Field(json_schema_extra={"enum": ["supervised"]})
     supervised: SupervisedMethodIn | None = None
     dpo: dict[str, Any] | None = None
     reinforcement: dict[str, Any] | None = None
 
 
+def _spec_field_schema(name: str) -> WithJsonSchema:
+    """A top-level key that lands in TrainingSpec (seed): its schema, or null."""
+    field = dict(TrainingSpec.model_json_schema()["properties"][name])
+    field.pop("default", None)
+    return WithJsonSchema({"anyOf": [field, {"type": "null"}]})
+
+
+# Exactly one training source, at most one validation source (null counts as absent).
+_ONE_TRAINING_SOURCE = {
+    "oneOf": [{"required": ["training_file"], "properties": {"training_file": {"type": "string", "minLength": 1}}},
+              {"required": ["training_dataset"], "properties": {"training_dataset": {"type": "object"}}}],
+    "not": {"anyOf": [
+        {"required": ["validation_file", "validation_dataset"],
+         "properties": {"validation_file": {"type": "string", "minLength": 1},
+                        "validation_dataset": {"type": "object"}}},
+        # hyperparameters at the top level or in method.supervised, not both
+        {"required": ["hyperparameters", "method"],
+         "properties": {"hyperparameters": {"type": "object"},
+                        "method": {"type": "object", "required": ["supervised"], "properties": {"supervised": {
+                            "type": "object", "required": ["hyperparameters"],
+                            "properties": {"hyperparameters": {"type": "object"}}}}}}},
+    ]},
+}
+
+
 class JobCreate(BaseModel):
     """POST /v1/fine_tuning/jobs. Shapes are checked here; meaning (files exist, model is
-    ours, hyperparameters in range, ...) is checked together in routes/jobs.py so that one
-    answer lists every problem."""
-    model_config = ConfigDict(extra="forbid")
+    ours, hyperparameters in range, ...) is checked together in serving_jobs.py so that one
+    answer lists every problem. The schema states those rules too, so the spec says what is
+    accepted (all but what lives on the server: which model, files and dataset paths exist)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_TRAINING_SOURCE)
 
-    model: str = Field(max_length=512)
-    training_file: str | None = Field(default=None, max_length=128)
+    model: str = Field(max_length=512, description="this service's base model (GET /v1/models, kind base)")
+    training_file: str | None = Field(default=None, max_length=128,
+                                      description="an uploaded file of purpose fine-tune; or training_dataset")
     validation_file: str | None = Field(default=None, max_length=128)
     # ours: a dataset the `datasets` library loads instead of an uploaded file
-    training_dataset: DatasetSource | None = None
+    training_dataset: DatasetSource | None = Field(
+        default=None, description="instead of training_file: a hub dataset id, or an absolute path inside the "
+                                  "server's dataset directories (TUNESERVE_DATASET_ROOTS)")
     validation_dataset: DatasetSource | None = None
     # OpenAI keys (n_epochs, batch_size, learning_rate_multiplier: number or "auto") and ours
     # (max_steps, learning_rate, lora_r, ... see TrainingSpec) side by side.
-    hyperparameters: dict[str, Any] | None = None
+    hyperparameters: Annotated[dict[str, Any] | None, _HYPERPARAMETERS] = None
     method: MethodIn | None = None
-    suffix: str | None = Field(default=None, max_length=64)
-    seed: int | None = None
-    metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    suffix: str | None = Field(default=None, max_length=64, json_schema_extra=_non_null(
+        {"maxLength": SUFFIX_MAX_CHARS, "pattern": SUFFIX_PATTERN}))
+    seed: Annotated[int | None, _spec_field_schema("seed")] = None
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra=_non_null(
+        {"maxProperties": MAX_METADATA_KEYS, "propertyNames": {"maxLength": MAX_METADATA_KEY_CHARS},
+         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS}}))
+    integrations: list[dict[str, Any]] | None = Field(
+        default=None, description="not supported: leave out, null or []",
+        json_schema_extra=_non_null({"maxItems": 0}))
 
 
 class OpenAIHyperparameters(BaseModel):
@@ -344,21 +416,31 @@ class AdapterDeleted(BaseModel):
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # no control characters (PostgreSQL refuses NUL in text)
 
 
+# The types serving_webhooks accepts (runtime fields stay `str`: an unsupported type is refused
+# naming it there, not by pydantic); the schema states the enum.
+_EVENT_TYPE = {"type": "string", "enum": [t.value for t in WebhookEventType]}
+# What core.webhooks.check_url_shape accepts, as a pattern (ASCII hosts; a port 0..65535): http(s),
+# a host, no credentials, no spaces or control characters. In production a host must also resolve
+# to public addresses (TUNESERVE_WEBHOOK_ALLOW_PRIVATE_URLS), which no schema can state.
+_URL = {"pattern": r"^https?://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}"
+                   r"|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][\x21-\x7e]*)?$", "maxLength": MAX_URL_LENGTH}
+
+
 class WebhookEndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # str, not the enum: an unsupported type is refused naming it (serving_webhooks), not by pydantic.
-    event_types: list[str] = Field(min_length=1, max_length=32)
+    event_types: list[str] = Field(min_length=1, max_length=32, json_schema_extra={"items": _EVENT_TYPE})
     name: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE)
-    url: str = Field(min_length=1, max_length=4096)
+    url: str = Field(min_length=1, max_length=4096, json_schema_extra=_URL)
 
 
 class WebhookEndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    event_types: list[str] | None = Field(default=None, min_length=1, max_length=32)
+    event_types: list[str] | None = Field(default=None, min_length=1, max_length=32,
+                                          json_schema_extra=_non_null({"items": _EVENT_TYPE}))
     name: str | None = Field(default=None, min_length=1, max_length=256, pattern=_PRINTABLE)
-    url: str | None = Field(default=None, min_length=1, max_length=4096)
+    url: str | None = Field(default=None, min_length=1, max_length=4096, json_schema_extra=_non_null(_URL))
 
 
 class WebhookRotateSecret(BaseModel):
@@ -370,7 +452,7 @@ class WebhookRotateSecret(BaseModel):
 class WebhookTestCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    event_type: str = Field(max_length=128)
+    event_type: str = Field(max_length=128, json_schema_extra=_EVENT_TYPE)
 
 
 class WebhookEndpointPublic(BaseModel):

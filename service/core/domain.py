@@ -107,6 +107,10 @@ class DatasetSource(BaseModel):
     max_rows: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
+MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_.]{0,127}"  # a LoRA target module's name
+MAX_TARGET_MODULES = 64
+
+
 class TrainingSpec(BaseModel):
     """Everything a training run needs besides data and base model. Units are explicit."""
     model_config = ConfigDict(extra="forbid")
@@ -126,7 +130,9 @@ class TrainingSpec(BaseModel):
     lora_r: int = Field(default=8, ge=1, le=512)
     lora_alpha: float = Field(default=32.0, gt=0, le=4096)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | None = None  # None = family default
+    # None = family default. The rule is the validator's below; the schema states it too.
+    lora_target_modules: list[str] | None = Field(default=None, json_schema_extra=lambda s: s["anyOf"][0].update(
+        minItems=1, maxItems=MAX_TARGET_MODULES, items={"type": "string", "pattern": f"^{MODULE_NAME}$"}))
 
     load_in_4bit: bool = True  # QLoRA: NF4 + double quant
     gradient_checkpointing: bool | Auto = "auto"
@@ -149,10 +155,10 @@ class TrainingSpec(BaseModel):
     def _targets(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        if not value or len(value) > 64:
-            raise ValueError("must list 1..64 module names")
+        if not value or len(value) > MAX_TARGET_MODULES:
+            raise ValueError(f"must list 1..{MAX_TARGET_MODULES} module names")
         for name in value:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", name):
+            if not re.fullmatch(MODULE_NAME, name):
                 raise ValueError(f"invalid module name {name!r}")
         return value
 
@@ -245,6 +251,15 @@ class AdapterManifest(BaseModel):
 # room and is the documented limit.
 SUFFIX_MAX_CHARS = 45
 SUFFIX_RULE = f"lowercase letters, digits, '-', '_' or '.', start alphanumeric, at most {SUFFIX_MAX_CHARS} characters"
+
+
+# A job's metadata (OpenAI's limits).
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+# SUFFIX_RULE as a JSON-schema pattern (with SUFFIX_MAX_CHARS as maxLength), for the spec.
+SUFFIX_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9_.-]*$"
 
 
 def suffix_problem(suffix: str) -> str | None:

@@ -53,6 +53,13 @@ class NotFound(TuneserveError):
     code = "not_found"
 
 
+class UnknownCursor(NotFound):
+    """A list's `after` names none of its objects (unknown, deleted, or another tenant's)."""
+
+    def __init__(self, what: str, after: str):
+        super().__init__(f"after: no {what} {after!r} in this list", param="after")
+
+
 class Conflict(TuneserveError):
     status_code = 409
     type = "invalid_request_error"

@@ -46,7 +46,7 @@ from service.core.domain import (
     WebhookEventType,
     can_transition,
 )
-from service.core.errors import Conflict, InvalidInput, NotFound
+from service.core.errors import Conflict, InvalidInput, NotFound, UnknownCursor
 
 # Integer on SQLite so the primary key aliases rowid (autoincrement); BIGINT elsewhere.
 _SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -207,7 +207,7 @@ def _newest_first_page(session, row_type, scope, after: str | None, limit: int, 
         cursor = session.execute(
             sa.select(row_type.seq).where(row_type.id == after, scope)).scalar_one_or_none()
         if cursor is None:
-            raise InvalidInput(f"after: {after!r} is no {what}", param="after")
+            raise UnknownCursor(what, after)
         q = q.where(row_type.seq < cursor)
     rows = list(session.execute(q.order_by(row_type.seq.desc()).limit(limit + 1)).scalars())
     return rows[:limit], len(rows) > limit
