@@ -65,6 +65,10 @@ def real_ids(deployment) -> dict[str, str]:
     return {"file": file_id, "dataset": str(dataset)}
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # integers may come as 366.0
+
+
 def _point_at_real_objects(label: str, body, deployment, ids: dict[str, str]) -> None:
     if not isinstance(body, dict):
         return
@@ -106,8 +110,8 @@ def _point_at_real_objects(label: str, body, deployment, ids: dict[str, str]) ->
         method = body.get("method") if isinstance(body.get("method"), dict) else {}
         supervised = method.get("supervised") if isinstance(method.get("supervised"), dict) else {}
         for hyper in (body.get("hyperparameters"), supervised.get("hyperparameters")):
-            if isinstance(hyper, dict) and isinstance(hyper.get("micro_batch_size"), int):
-                batch = hyper.get("batch_size") if isinstance(hyper.get("batch_size"), int) else 16
+            if isinstance(hyper, dict) and _is_number(hyper.get("micro_batch_size")):
+                batch = hyper["batch_size"] if _is_number(hyper.get("batch_size")) else 16  # "auto", absent
                 hyper["micro_batch_size"] = min(hyper["micro_batch_size"], batch)
     if label == "POST /v1/files" and "file" in body:
         # The schema says binary; that every row is valid JSONL is checked past it.
