@@ -137,6 +137,38 @@ def test_every_problem_reported_at_once(client):
             "hyperparameters.lr_scheduler"} <= params
 
 
+def test_unknown_keys_answer_with_the_closest_known_one(client):
+    """Issue 14 part 5: a typo gets "did you mean", not pydantic's "Extra inputs are not
+    permitted", at every depth of the body (hyperparameters, the body itself, a dataset source)."""
+    fid = upload_ok(client)
+    cases = [({"model": BASE, "training_file": fid, "hyperparameters": {"n_epoch": 2}},
+              "hyperparameters.n_epoch", "did you mean n_epochs?"),
+             ({"model": BASE, "training_file": fid, "method": {"type": "supervised", "supervised": {
+                 "hyperparameters": {"learning_rate_multipler": 2}}}},
+              "method.supervised.hyperparameters.learning_rate_multipler", "did you mean learning_rate_multiplier?"),
+             ({"model": BASE, "training_fle": fid}, "training_fle", "did you mean training_file?"),
+             ({"model": BASE, "training_dataset": {"path": "a/b", "spilt": "train"}}, "training_dataset.spilt",
+              "did you mean split?")]
+    for body, param, hint in cases:
+        err = assert_error(create(client, **body), 400)
+        detail = next(d for d in err["details"] if d["param"] == param)
+        assert hint in detail["message"] and "Extra inputs" not in err["message"], err
+    # Nothing close: every accepted key is listed instead.
+    err = assert_error(create(client, model=BASE, training_file=fid, hyperparameters={"zzz": 1}), 400,
+                       param="hyperparameters.zzz")
+    assert "accepted:" in err["message"] and "lora_r" in err["message"], err
+
+
+@pytest.mark.parametrize(("raw", "where"), [(b'{"model": "x",}', "line 1, column 15 (character 14)"),
+                                           (b'{\n  "model": "x"\n  "seed": 1}', "line 3, column 3 (character 19)"),
+                                           (b"not json", "line 1, column 1 (character 0)")])
+def test_a_malformed_json_body_says_so_and_where(client, raw, where):
+    r = client.post("/v1/fine_tuning/jobs", headers={**AUTH_A, "Content-Type": "application/json"}, content=raw)
+    err = assert_error(r, 400, code="invalid_json")
+    assert err["message"].startswith("the request body is not valid JSON: ") and where in err["message"], err
+    assert "JSON decode error" not in err["message"]
+
+
 def test_enqueue_failure_rolls_back_the_row(make_settings, queue_len):
     # Valid everything, but the broker is unreachable: 503, no row left behind.
     with TestClient(create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))) as c:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, unknown_key_message
 
 # Named sentinel for "no adapter, the base model" (never None).
 BASE_ADAPTER = "__base__"
@@ -199,13 +199,19 @@ class TrainingSpec(BaseModel):
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                problems.append({"param": f"{param_prefix}.{loc}" if loc else param_prefix,
-                                 "message": err["msg"]})
+                message = err["msg"]
+                if err["type"] == "extra_forbidden":
+                    message = unknown_key_message(str(err["loc"][-1]), HYPERPARAMETER_KEYS)
+                problems.append({"param": f"{param_prefix}.{loc}" if loc else param_prefix, "message": message})
             spec = None
         if problems:
             raise InvalidInput.from_problems(problems)
         assert spec is not None
         return spec
+
+
+# Every key `hyperparameters` may hold: TrainingSpec's fields and OpenAI's multiplier.
+HYPERPARAMETER_KEYS = frozenset(TrainingSpec.model_fields) | {"learning_rate_multiplier"}
 
 
 # ---------------------------------------------------------------------------------------
