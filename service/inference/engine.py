@@ -196,7 +196,8 @@ class InferenceEngine:
             lora_targets=targets, lora_budget_bytes=settings.adapter_gpu_budget_bytes,
             device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
             torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
-            nf4_kernel_max_rows=settings.nf4_kernel_max_rows, lora_kernels=settings.lora_kernels)
+            nf4_kernel_rows=(settings.nf4_kernel_min_rows, settings.nf4_kernel_max_rows),
+            lora_kernels=settings.lora_kernels)
         self._runner = runner
         self._stop_ids = frozenset(int(i) for i in stop_ids)
         self._free = list(range(settings.max_batch_size))
@@ -210,7 +211,7 @@ class InferenceEngine:
             self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,
             capacity_columns=runner.capacity, bytes_per_column=runner.bytes_per_column,
             cpu_capacity=settings.adapter_cpu_cache_size, wake=self._wake.set,
-            pin_memory=runner.device.type == "cuda")
+            pin_memory=runner.device.type == "cuda", loader_threads=settings.adapter_loader_threads)
         log.info("inference engine: base %s on %s, %d slots x %d tokens, LoRA on %s "
                  "(%d rank columns = %d bytes)", self.base_model_name, self.device,
                  settings.max_batch_size, self.max_seq_len, sorted(served), runner.capacity,
