@@ -249,6 +249,28 @@ def test_cross_tenant_jobs_are_404(client):
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH_A).json()["status"] == "queued"
 
 
+def test_a_job_id_as_chat_model_points_at_its_fine_tuned_model(client):
+    """Issue 14 part 5 (serving_jobs.job_id_as_model_hint, for chat's model-not-found answer):
+    the tenant's own job names its fine_tuned_model or says it has none yet; another tenant's
+    job reads like a made-up id; other names get no hint."""
+    from service.api.serving_jobs import job_id_as_model_hint
+    from service.core.domain import JobStatus
+
+    store = client.app.state.tuneserve.store
+    fid = upload_ok(client)
+    job_id = create(client, model=BASE, training_file=fid).json()["id"]
+    assert "no fine_tuned_model yet" in job_id_as_model_hint(store, "alice", job_id)
+    assert "(queued)" in job_id_as_model_hint(store, "alice", job_id)
+    store.transition(job_id, JobStatus.running, worker_id="w")
+    store.transition(job_id, JobStatus.succeeded, fine_tuned_model="ft-ads-abc")
+    assert job_id_as_model_hint(store, "alice", job_id).endswith("chat with its fine_tuned_model 'ft-ads-abc'")
+    made_up = job_id_as_model_hint(store, "alice", "ftjob-000000000000000000000000")
+    assert job_id_as_model_hint(store, "bob", job_id) == made_up.replace("ftjob-000000000000000000000000", job_id)
+    assert "fine_tuned_model" in made_up
+    assert job_id_as_model_hint(store, "alice", "ft-ads-abc") is None
+    assert job_id_as_model_hint(store, "alice", None) is None
+
+
 def test_file_in_use_cannot_be_deleted(client):
     fid = upload_ok(client)
     create(client, model=BASE, training_file=fid)

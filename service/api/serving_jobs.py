@@ -8,6 +8,7 @@ from typing import Any
 
 from service.api.queue import JobQueue
 from service.api.schemas import JobCreate
+from service.core import ids
 from service.core.config import Settings
 from service.core.domain import (
     MAX_METADATA_KEY_CHARS,
@@ -143,3 +144,19 @@ def create_job(body: JobCreate, *, state, store: Store, queue: JobQueue, setting
     state.metrics.jobs_created.inc()
     log.info("job created and enqueued", extra={"job_id": job.id, "tenant": tenant})
     return job
+
+
+def job_id_as_model_hint(store: Store, tenant: str, model: str | None) -> str | None:
+    """What to tell a client who passed a fine-tuning job's id as a chat `model`: its
+    fine_tuned_model, or that it has none yet. Another tenant's job reads as unknown (the same
+    hint as for a made-up id), so no job's existence leaks. None for anything else."""
+    if not model or not model.startswith(f"{ids.JOB_PREFIX}-"):
+        return None
+    try:
+        job = store.get_job(model, tenant)
+    except NotFound:
+        return f"{model!r} looks like a fine-tuning job id: chat with the job's fine_tuned_model instead"
+    if job.fine_tuned_model:
+        return f"{model!r} is a fine-tuning job: chat with its fine_tuned_model {job.fine_tuned_model!r}"
+    return (f"{model!r} is a fine-tuning job ({job.status.value}) and has no fine_tuned_model yet: "
+            "chat with it once the job has succeeded")
