@@ -119,7 +119,7 @@ def _point_at_real_objects(label: str, body, deployment, ids: dict[str, str]) ->
         body["file"] = jsonl_bytes(sample_rows(2))
 
 
-def _clean_up(label: str, response, deployment) -> None:
+def _clean_up(label: str, response, deployment, created_jobs: list[str]) -> None:
     """Undo what an accepted request created, so the fuzz leaves no job training on the shared
     worker and no endpoint receiving its events."""
     if response.status_code != 200 or label not in ("POST /v1/fine_tuning/jobs", "POST /v1/webhook_endpoints"):
@@ -127,9 +127,34 @@ def _clean_up(label: str, response, deployment) -> None:
     c = deployment.client()
     try:
         if label == "POST /v1/fine_tuning/jobs":
-            c.http.post(f"/v1/fine_tuning/jobs/{response.json()['id']}/cancel")
+            created_jobs.append(response.json()["id"])
+            c.http.post(f"/v1/fine_tuning/jobs/{created_jobs[-1]}/cancel")
         else:
             c.http.delete(f"/v1/webhook_endpoints/{response.json()['id']}")
+    finally:
+        c.close()
+
+
+def _wait_until_the_worker_is_done_with(deployment, job_ids: list[str]) -> None:
+    """The worker may have claimed a job before its cancel: let it stop, and take every message
+    of these jobs off the broker, so nothing of this test happens during the next one."""
+    from e2e_harness import FINAL, wait_for
+
+    c = deployment.client()
+
+    def idle() -> bool:
+        if any(c.job(j)["status"] not in FINAL for j in job_ids):
+            return False
+        r = deployment.redis()
+        try:
+            queued = r.llen(deployment.system.queue)
+        finally:
+            r.close()
+        log = deployment.worker.log()
+        return queued == 0 and log.count("] received") == log.count('"logger": "celery.app.trace"')
+    try:
+        wait_for(idle, 180, "the worker to finish the fuzzed jobs", interval=0.5,
+                 diagnostics=lambda: deployment.worker.log()[-3000:])
     finally:
         c.close()
 
@@ -140,6 +165,7 @@ def test_spec_conformance(live_schema, deployment, real_ids, label, mode):
     assert operation is not None, f"{label} is not in the live /openapi.json"
     seen: list[int] = []
     failures: list[str] = []
+    created_jobs: list[str] = []
     checks = [status_code_conformance] + ([positive_data_acceptance] if mode is GenerationMode.POSITIVE else [])
     t0 = time.monotonic()
 
@@ -151,7 +177,7 @@ def test_spec_conformance(live_schema, deployment, real_ids, label, mode):
             _point_at_real_objects(label, case.body, deployment, real_ids)
         response = case.call(base_url=deployment.url, headers=dict(AUTH_A), timeout=60)
         seen.append(response.status_code)
-        _clean_up(label, response, deployment)
+        _clean_up(label, response, deployment, created_jobs)
         curl = case.as_curl_command(headers=dict(AUTH_A))
         if response.status_code >= 500:
             failures.append(f"{response.status_code}: {response.text[:500]}\n{curl}")
@@ -163,6 +189,7 @@ def test_spec_conformance(live_schema, deployment, real_ids, label, mode):
                             + "\n".join(f"  {type(f).__name__}: {f.title}" for f in exc.exceptions) + f"\n{curl}")
 
     run()
+    _wait_until_the_worker_is_done_with(deployment, created_jobs)
     assert deployment.api.alive()
     print(f"\n{label} [{mode}]: {len(seen)} requests, statuses {sorted(set(seen))}, "
           f"{time.monotonic() - t0:.1f} s")

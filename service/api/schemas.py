@@ -547,6 +547,11 @@ class WebhookDeliveryList(ListResponse):
 # ---------------------------------------------------------------------------------------
 # Chat
 # ---------------------------------------------------------------------------------------
+# 2**63 - 1 has no double: a client (or fuzzer) holding numbers as doubles sends 2**63 for it,
+# which the server refuses. The spec states the largest seed every JSON reader keeps exactly below it.
+_SEED_SCHEMA = _non_null({"maximum": 2**63 - 1024})
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
     text: str = Field(max_length=1_000_000)
@@ -580,7 +585,7 @@ class ChatCompletionCreate(BaseModel):
     top_k: int | None = Field(default=None, ge=0, le=100_000)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, json_schema_extra=_SEED_SCHEMA)
     n: int | None = Field(default=None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -608,7 +613,7 @@ class SimpleChatCreate(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.8, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, json_schema_extra=_SEED_SCHEMA)
 
 
 class SimpleChatResponse(BaseModel):
