@@ -13,6 +13,10 @@ Threads and ownership:
   before the host waits for step N's ids, which arrive in pinned memory without a sync;
   so the host's per-token work (emitting, detokenizing) overlaps the GPU's next step. A row
   that ended at step N costs one wasted row in step N+1, whose output is dropped.
+  A failure ends only its own request: a batched prefill that raises is redone request by
+  request, a decode step that raises is redone on halves of its rows (then quarters, ...).
+  (Host-side errors only: on CUDA a device-side assert poisons the context for everyone, so
+  admission keeps positions inside the model's table instead.)
 
 Usage (see GenerationStream for the streaming contract):
 
