@@ -344,3 +344,33 @@ def test_job_routes_import_no_torch_and_no_training_code(tmp_path):
              "print([i['step'] for i in items], bad)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[3] []", out.stdout
+
+
+def test_the_spec_states_what_job_creation_accepts(client):
+    """The schema the fuzz generates from: typed hyperparameters (TrainingSpec's keys and
+    ranges, OpenAI's "auto"), exactly one training source, one place for hyperparameters; each
+    body below is judged by the spec as the server judges it."""
+    import jsonschema_rs
+
+    spec = client.get("/openapi.json").json()
+    valid = jsonschema_rs.validator_for({"$ref": "#/components/schemas/JobCreate",
+                                         "components": spec["components"]}).is_valid
+    fid = upload_ok(client)
+    bodies = [
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epochs": "auto", "lora_r": 16}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epoch": 2}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"lora_r": 0}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"learning_rate": 1e-4,
+                                                                  "learning_rate_multiplier": 2}},
+        {"model": BASE},
+        {"model": BASE, "training_file": fid, "training_dataset": {"path": "a/b"}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epochs": 1},
+         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}},
+        {"model": BASE, "training_file": fid, "method": {"type": "dpo"}},
+        {"model": BASE, "training_file": fid, "suffix": "a" * 46},
+        {"model": BASE, "training_file": fid, "integrations": [{"type": "wandb"}]},
+    ]
+    for body in bodies:
+        accepted = create(client, **body).status_code == 200
+        assert valid(body) == accepted, (body, accepted)
+    assert sum(valid(b) for b in bodies) == 1
