@@ -26,6 +26,9 @@ from service.core.domain import (
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEventType,
+    metrics_samples,
+    metrics_summary,
+    result_summary,
 )
 from service.core.webhooks import secret_hint
 
@@ -230,7 +233,7 @@ class JobPublic(BaseModel):
             estimated_finish=estimated, started_at=unix(job.started_at),
             cancel_requested=job.cancel_requested,
             training_dataset=job.training_dataset, validation_dataset=job.validation_dataset,
-            progress=job.progress, spec=spec, result=job.result,
+            progress=job.progress, spec=spec, result=result_summary(job.result),
         )
 
 
@@ -317,7 +320,9 @@ class _AdapterPublicBase(BaseModel):
 
     @classmethod
     def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
-        return cls(id=m.model_id, created_at=unix(m.created_at), **m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS)))
+        fields = m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS))
+        fields["metrics"] = metrics_summary(fields.get("metrics"))  # the rows: /v1/adapters/{name}/samples
+        return cls(id=m.model_id, created_at=unix(m.created_at), **fields)
 
 
 # The manifest's own field definitions (types, defaults), so the two cannot drift apart.
@@ -329,6 +334,30 @@ AdapterPublic = create_model(
 
 class AdapterList(ListResponse):
     data: list[AdapterPublic]
+
+
+class SamplePublic(BaseModel):
+    """One evaluation prompt: the reference reply, the base model's and the adapter's (greedy)."""
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    reference: str = ""
+    base: str = ""
+    adapter: str = ""
+
+
+class SampleList(ListResponse):
+    """The before/after table of a job's evaluation (ours; lists and job views carry only scores)."""
+    data: list[SamplePublic]
+    split: str | None = None
+    n_samples: int = 0
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None, limit: int | None = None) -> "SampleList":
+        rows = metrics_samples(metrics)
+        quality = (metrics or {}).get("quality") if isinstance((metrics or {}).get("quality"), dict) else {}
+        shown = rows[:limit] if limit is not None else rows
+        return cls(data=[SamplePublic.model_validate(r) for r in shown], has_more=len(shown) < len(rows),
+                   split=quality.get("split"), n_samples=len(rows))
 
 
 class AdapterDeleted(BaseModel):

@@ -240,6 +240,36 @@ class AdapterManifest(BaseModel):
         return self.name
 
 
+# The before/after table (prompt, reference, base reply, adapter reply per evaluation prompt)
+# lives at metrics["quality"][SAMPLES_KEY]: 40-50 rows, tens of KB. Lists and job views carry
+# the summary; the rows have their own routes (/samples).
+SAMPLES_KEY = "before_after"
+
+
+def metrics_summary(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """`metrics` without the before/after rows (scores, n_samples and the rest kept)."""
+    out = dict(metrics or {})
+    quality = out.get("quality")
+    if isinstance(quality, dict) and SAMPLES_KEY in quality:
+        out["quality"] = {k: v for k, v in quality.items() if k != SAMPLES_KEY}
+    return out
+
+
+def metrics_samples(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The before/after rows of `metrics` ([] when there was no evaluation)."""
+    quality = (metrics or {}).get("quality")
+    rows = quality.get(SAMPLES_KEY) if isinstance(quality, dict) else None
+    return list(rows) if isinstance(rows, list) else []
+
+
+def result_summary(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's result with its metrics summarised (metrics_summary)."""
+    out = dict(result or {})
+    if isinstance(out.get("metrics"), dict):
+        out["metrics"] = metrics_summary(out["metrics"])
+    return out
+
+
 # A suffix ends up inside `ft-<suffix>-<12-char job tail>`, which must stay a NAME_PATTERN name
 # (63 characters at most) whatever the tail: 63 - len("ft-") - len("-") - 12 = 47; 45 leaves
 # room and is the documented limit.

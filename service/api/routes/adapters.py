@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
-from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, error_responses
+from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, SampleList, error_responses
 from service.core import export as adapter_export
 from service.core.domain import AdapterManifest
 from service.core.errors import InvalidInput, NotFound
@@ -43,6 +43,14 @@ def list_adapters(tenant: TenantDep, registry: RegistryDep) -> AdapterList:
 def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
                 version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterPublic:
     return AdapterPublic.from_domain(_resolve(registry, tenant, name, version)[1])
+
+
+@router.get("/{name}/samples", response_model=SampleList, responses=error_responses(404))
+def list_adapter_samples(name: str, tenant: TenantDep, registry: RegistryDep,
+                         version: int | None = Query(default=None, ge=1, le=999_999_999),
+                         limit: int = Query(default=100, ge=1, le=100_000)) -> SampleList:
+    """The before/after rows of the evaluation that produced this adapter version."""
+    return SampleList.from_metrics(_resolve(registry, tenant, name, version)[1].metrics, limit)
 
 
 @router.get("/{name}/versions", response_model=AdapterList, responses=error_responses(404))

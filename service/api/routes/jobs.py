@@ -20,6 +20,7 @@ from service.api.schemas import (
     JobEventPublic,
     JobList,
     JobPublic,
+    SampleList,
     error_responses,
 )
 from service.core.checkpoints import list_checkpoints as list_job_checkpoints
@@ -156,6 +157,13 @@ def list_jobs(tenant: TenantDep, store: StoreDep,
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404))
 def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_domain(store.get_job(job_id, tenant))
+
+
+@router.get("/{job_id}/samples", response_model=SampleList, responses=error_responses(404))
+def list_samples(job_id: str, tenant: TenantDep, store: StoreDep,
+                 limit: int = Query(default=100, ge=1, le=100_000)) -> SampleList:
+    """The evaluation's before/after rows (empty until the job has evaluated)."""
+    return SampleList.from_metrics(store.get_job(job_id, tenant).result.get("metrics"), limit)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404, 409))
