@@ -606,7 +606,10 @@ class Store:
                 self._outbox_job_event(s, row.tenant, job_id, JobStatus.cancelled, now)
             s.flush()
             s.expire(row)
-            return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+            job = _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+        _job_log.info("job %s: %s", job_id, f"{status.value} -> cancelled" if job.status is JobStatus.cancelled
+                      else "cancel requested (stops at its next step)", extra={"job_id": job_id})
+        return job
 
     def is_cancel_requested(self, job_id: str) -> bool:
         with self._read() as s:
