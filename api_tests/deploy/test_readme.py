@@ -26,3 +26,38 @@ def test_settings_table_matches_settings():
 
 def test_sections_the_lead_fills_exist():
     assert "\n## Benchmarks\n" in README and "\n## Architecture\n" in README
+
+
+def _section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_hyperparameter_table_matches_training_spec():
+    """Every TrainingSpec field is documented with its real default (plus OpenAI's multiplier)."""
+    import json
+
+    from service.core.domain import TrainingSpec
+
+    rows = re.findall(r"^\| `([a-z_0-9]+)` \| ([^|]+) \|", _section("Hyperparameters"), flags=re.M)
+    documented = {key: cell.strip() for key, cell in rows}
+    assert set(documented) == set(TrainingSpec.model_fields) | {"learning_rate_multiplier"}
+    for key, field in TrainingSpec.model_fields.items():
+        cell = documented[key]
+        assert cell.startswith("`") and cell.endswith("`"), (key, cell)
+        assert json.loads(cell.strip("`")) == field.default, (key, cell, field.default)
+
+
+def test_dataset_format_examples_are_valid_rows_of_their_format():
+    import json
+
+    from service.core.datasets import detect_format, row_problem
+    from service.core.domain import DatasetFormat
+
+    examples = re.findall(r"^\| [^|]+ \| `(\{.*\})` \|", _section("Datasets"), flags=re.M)
+    formats = []
+    for raw in examples:
+        row = json.loads(raw)
+        fmt = detect_format(row)
+        assert fmt is not None and row_problem(row, fmt) is None, raw
+        formats.append(fmt)
+    assert sorted(formats) == sorted(DatasetFormat)
