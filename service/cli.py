@@ -336,6 +336,7 @@ def jobs_follow(ctx: typer.Context, job_id: str,
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[eta]}"),
                 TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task(job_id, total=None, loss="-", eta="ETA -")
+            shown_phase = ""
             while True:
                 job = c.get(f"/v1/fine_tuning/jobs/{job_id}")
                 events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", limit=100).get("data", [])
@@ -348,7 +349,11 @@ def jobs_follow(ctx: typer.Context, job_id: str,
                                           highlight=False)
                 p = _progress(job)
                 loss = p.get("loss")
-                bar.update(task, description=f"{job_id} {job['status']}",
+                phase = _phase(p) if job["status"] == "running" else ""
+                if phase and phase.split()[0] != shown_phase:  # a line when the phase changes
+                    shown_phase = phase.split()[0]
+                    bar.console.print(f"phase: {phase}", highlight=False)
+                bar.update(task, description=f"{job_id} {job['status']}" + (f" ({phase})" if phase else ""),
                            completed=p.get("step") or 0, total=p.get("total_steps") or None,
                            loss=f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                            eta=_fmt_eta(p.get("eta_seconds")))
@@ -365,6 +370,17 @@ def jobs_follow(ctx: typer.Context, job_id: str,
         raise typer.Exit(130)
     _print_final(job)
     raise typer.Exit(0 if job["status"] == "succeeded" else 1)
+
+
+def _phase(p: dict[str, Any]) -> str:
+    """`training`, `evaluating 12/100` or `publishing` (the domain's JobProgress.phase_text)."""
+    from pydantic import ValidationError
+
+    from service.core.domain import JobProgress
+    try:
+        return JobProgress.model_validate(p).phase_text or ""
+    except ValidationError:  # a newer server's shape: show what it says
+        return str(p.get("phase") or "")
 
 
 def _print_final(job: dict[str, Any]) -> None:

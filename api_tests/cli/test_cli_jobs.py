@@ -175,3 +175,25 @@ def test_follow_ends_with_scores_not_samples_and_samples_has_its_command(api, in
     assert "adapter-reply-3" not in res.output and "3 of 40 rows" in res.output
     res = invoke("jobs", "samples", job.id, "--json", "--limit", "100")
     assert len(json.loads(res.output)["data"]) == 40
+
+
+def test_follow_shows_the_phase(api, invoke, monkeypatch):
+    """A line when the phase changes (`phase: evaluating 3/6`; the bar's description says it live
+    on a terminal); the job ends at the first poll's sleep (where the test moves it on: no timing)."""
+    import service.cli as cli
+
+    _client, store, _key, _settings = api
+    job = _job(store)
+    store.transition(job.id, JobStatus.running, worker_id="test-worker")
+    store.update_progress(job.id, JobProgress(step=4, total_steps=4, loss=0.5, eval_loss=0.75, phase="evaluating",
+                                              eval_done=3, eval_total=6, eta_seconds=12))
+
+    def finish(_seconds):
+        store.update_progress(job.id, JobProgress(step=4, total_steps=4, phase="publishing", eta_seconds=0))
+        store.transition(job.id, JobStatus.succeeded, fine_tuned_model="ft-phase-abc")
+
+    monkeypatch.setattr(cli.time, "sleep", finish)
+    res = invoke("jobs", "follow", job.id, "--interval", "0.05")
+    assert res.exit_code == 0, res.output
+    assert "phase: evaluating 3/6" in res.output
+    assert "ft-phase-abc" in res.output

@@ -72,6 +72,11 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+# What a running job is doing: optimizer steps, then evaluation (validation loss, then greedy
+# replies of the base and of the adapter on the evaluation prompts), then publishing the adapter.
+JobPhase = Literal["training", "evaluating", "publishing"]
+
+
 class JobProgress(BaseModel):
     step: int = 0
     total_steps: int | None = None
@@ -81,7 +86,20 @@ class JobProgress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     label_tokens_per_second: float | None = None
+    # Seconds until the job ends: the rest of training, plus evaluation (estimated from a timed
+    # probe before training, then measured while it runs), plus publishing.
     eta_seconds: float | None = None
+    phase: JobPhase | None = None
+    # While evaluating: replies generated so far of eval_total (base and adapter, one per prompt each).
+    eval_done: int | None = None
+    eval_total: int | None = None
+
+    @property
+    def phase_text(self) -> str | None:
+        """`training`, `evaluating 12/100`, `publishing` (None before the first report)."""
+        if self.phase == "evaluating" and self.eval_total:
+            return f"evaluating {self.eval_done or 0}/{self.eval_total}"
+        return self.phase
 
 
 # ---------------------------------------------------------------------------------------

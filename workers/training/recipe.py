@@ -26,6 +26,7 @@ from workers.training.data import (Conversations, Example, conversations_list, f
                                    tokenize_conversations, total_steps)
 from workers.training.loop import Dist, LoopState, TrainLoop, make_optimizer
 from workers.training.model import check_packing, load_trainable, resolve_device
+from workers.training.phases import EvalProgress
 from workers.training.plan import (GiB, MemoryModel, MemoryPlan, choose_plan, dense_layer_bytes, device_budget,
                                    model_shape)
 
@@ -250,6 +251,15 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
                      total_steps=n_steps, work_dir=work_dir, progress=progress, dist_=dist_,
                      validation=val_examples, state=state, optimizer=optimizer, scheduler=scheduler,
                      checkpoint_extra={"resume_key": resume_key, "memory_plan": plan.to_dict()})
+    eval_args = _eval_args(spec, val_convs, train_convs, max_positions, device)
+    eval_estimate_s, eval_replies = 0.0, 0
+    if eval_args is not None and dist_.main:  # the ETA includes evaluation from the first step on
+        from workers.training.evaluate import eval_seconds_estimate
+        eval_estimate_s, eval_replies = eval_seconds_estimate(
+            model, tokenizer, eval_args["convs"], device=device, max_samples=spec.eval_max_samples,
+            max_new_tokens=eval_args["max_new_tokens"], max_prompt_tokens=eval_args["max_prompt_tokens"],
+            batch_size=eval_args["batch_size"])
+        loop.eta_after_s = eval_estimate_s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     t_train = time.perf_counter()
@@ -263,6 +273,7 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
             f"{str(exc).splitlines()[0]}", code="out_of_memory") from exc
     train_s = time.perf_counter() - t_train
     peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+    last_progress = loop.last_progress or JobProgress(step=state.step, total_steps=n_steps, loss=state.loss)
     del optimizer, scheduler, loop
     gc.collect()
 
@@ -289,32 +300,15 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
                                                                          "loss": state.loss,
                                                                          "step": state.step})
 
-    # --- evaluate ---------------------------------------------------------------------------
-    if progress.should_stop():
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        raise Cancelled(f"cancelled after step {state.step}, before evaluation")
-    metrics: dict[str, Any] = {"train_loss": state.loss}
-    if val_examples:
-        metrics["eval_loss"] = loop_eval = _final_eval_loss(model, val_examples, device, plan, pad_id)
-        say(f"validation loss {loop_eval:.4f}", data={"eval_loss": loop_eval, "step": state.step})
-    if spec.eval_max_samples > 0:
-        from workers.training.evaluate import before_after
-        convs, split = (val_convs, "validation") if val_convs else (train_convs, "train")
-        new_tokens, prompt_cap = spec.eval_max_new_tokens, spec.max_source_length + spec.max_target_length
-        if max_positions is not None:  # prompt + reply within the model's positions
-            new_tokens = min(new_tokens, max_positions - 1)
-            prompt_cap = min(prompt_cap, max_positions - new_tokens)
-        try:
-            quality = before_after(model, tokenizer, convs, device=device, max_samples=spec.eval_max_samples,
-                                   max_new_tokens=new_tokens, max_prompt_tokens=prompt_cap,
-                                   split=split, batch_size=8 if device.startswith("cuda") else 4,
-                                   log=lambda m: say(m))
-        except torch.OutOfMemoryError as exc:
-            quality = {"error": f"evaluation ran out of memory: {str(exc).splitlines()[0]}"}
-        metrics["quality"] = quality
-        if "adapter" in quality:
-            say(f"quality on {quality['n_samples']} {split} prompts: adapter {_fmt(quality['adapter'])}; "
-                f"base {_fmt(quality['base'])}", data={"quality": {k: quality[k] for k in ("base", "adapter")}})
+    # --- evaluate (phase "evaluating n/N"; a cancel is honoured between evaluation batches) ---
+    evaluating = EvalProgress(progress, last_progress, state.trained_tokens, eval_estimate_s, eval_replies)
+    try:
+        evaluating.check_cancel(f"after step {state.step}, before evaluation")
+        metrics = _evaluate(model, tokenizer, spec, state, val_examples, eval_args, evaluating, device, plan,
+                            pad_id, say)
+    except Cancelled:
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # never published
+        raise
 
     training = {"steps": state.step, "total_steps": n_steps, "trained_tokens": state.trained_tokens,
                 "label_tokens": state.label_tokens, "data": stats, "data_fingerprint": data_fp,
@@ -332,6 +326,49 @@ def _run(run: TrainingRun, progress: Progress) -> TrainingOutcome:
     return TrainingOutcome(adapter_dir=adapter_dir, trained_tokens=state.trained_tokens, steps=state.step,
                            metrics=metrics, manifest=manifest, result={"training": training, "metrics": metrics},
                            resumed_from_step=resumed_from)
+
+
+def _evaluate(model, tokenizer, spec: TrainingSpec, state: LoopState, val_examples, eval_args, evaluating,
+              device: str, plan: MemoryPlan, pad_id: int, say) -> dict[str, Any]:
+    """Validation loss, then the before/after replies; raises Cancelled between batches."""
+    if val_examples or eval_args is not None:
+        evaluating.start()
+    metrics: dict[str, Any] = {"train_loss": state.loss}
+    if val_examples:
+        metrics["eval_loss"] = loop_eval = _final_eval_loss(model, val_examples, device, plan, pad_id)
+        say(f"validation loss {loop_eval:.4f}", data={"eval_loss": loop_eval, "step": state.step})
+        evaluating.eval_loss(loop_eval)
+    if eval_args is not None:
+        from workers.training.evaluate import before_after
+        split = eval_args["split"]
+        evaluating.begin_replies()
+        try:
+            quality = before_after(model, tokenizer, eval_args["convs"], device=device,
+                                   max_samples=spec.eval_max_samples, max_new_tokens=eval_args["max_new_tokens"],
+                                   max_prompt_tokens=eval_args["max_prompt_tokens"], split=split,
+                                   batch_size=eval_args["batch_size"], log=lambda m: say(m),
+                                   on_replies=evaluating.replies)
+        except torch.OutOfMemoryError as exc:
+            quality = {"error": f"evaluation ran out of memory: {str(exc).splitlines()[0]}"}
+        metrics["quality"] = quality
+        if "adapter" in quality:
+            say(f"quality on {quality['n_samples']} {split} prompts: adapter {_fmt(quality['adapter'])}; "
+                f"base {_fmt(quality['base'])}", data={"quality": {k: quality[k] for k in ("base", "adapter")}})
+    return metrics
+
+
+def _eval_args(spec: TrainingSpec, val_convs, train_convs, max_positions: int | None,
+               device: str) -> dict[str, Any] | None:
+    """How the before/after evaluation runs (None when eval_max_samples is 0)."""
+    if spec.eval_max_samples <= 0:
+        return None
+    convs, split = (val_convs, "validation") if val_convs else (train_convs, "train")
+    new_tokens, prompt_cap = spec.eval_max_new_tokens, spec.max_source_length + spec.max_target_length
+    if max_positions is not None:  # prompt + reply within the model's positions
+        new_tokens = min(new_tokens, max_positions - 1)
+        prompt_cap = min(prompt_cap, max_positions - new_tokens)
+    return {"convs": convs, "split": split, "max_new_tokens": new_tokens, "max_prompt_tokens": prompt_cap,
+            "batch_size": 8 if device.startswith("cuda") else 4}
 
 
 def _final_eval_loss(model, val: list[Example], device: str, plan: MemoryPlan, pad_id: int) -> float:
