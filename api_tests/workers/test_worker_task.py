@@ -118,6 +118,7 @@ def test_success_publishes_once_and_stores_metrics(world, store):
     assert done.fine_tuned_model == name and done.trained_tokens == 10
     assert done.result["metrics"] == {"train_loss": 1.0} and done.result["training"] == {"steps": 1}
     assert done.result["adapter"] == {"name": name, "version": 1}
+    assert done.progress.phase == "publishing" and done.progress.eta_seconds == 0  # the last phase it was in
     # A redelivery of a job that published but died before `succeeded`: no second version.
     again = publish_adapter(settings, done, FakeOutcome(_fake_adapter(world.data_dir / "other")))
     assert again.version == 1

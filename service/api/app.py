@@ -23,6 +23,7 @@ from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
 from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
 from service.api.uploads import clean_stale_parts
+from service.core.checkpoints import CheckpointModels
 from service.core.config import Settings, get_settings
 from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
@@ -68,7 +69,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     webhook_thread = None
     try:
         await to_thread.run_sync(_register_settings_keys, store, settings)
-        registry = AdapterRegistry(settings.resolved_registry_dir)
+        # Chat and the adapter routes also accept a checkpoint's fine_tuned_model_checkpoint.
+        registry = CheckpointModels(AdapterRegistry(settings.resolved_registry_dir), settings.jobs_dir,
+                                    store.get_job)
         queue = JobQueue(settings)
         metrics = ApiMetrics()
         engine_error: str | None = None

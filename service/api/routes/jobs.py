@@ -23,6 +23,7 @@ from service.api.schemas import (
     SampleList,
     error_responses,
 )
+from service.core.checkpoints import checkpoint_model_id
 from service.core.checkpoints import list_checkpoints as list_job_checkpoints
 from service.core.config import Settings
 from service.core.domain import DatasetSource, TrainingSpec, suffix_problem
@@ -189,7 +190,7 @@ def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
     metrics = CheckpointMetrics(step=float(step), train_loss=item.get("loss"), valid_loss=item.get("eval_loss"))
     return CheckpointPublic(
         id=f"ftckpt-{job_id.split('-', 1)[-1]}-{step}", created_at=int(created or 0),
-        fine_tuned_model_checkpoint=f"{job_id}:step-{step}", fine_tuning_job_id=job_id,
+        fine_tuned_model_checkpoint=checkpoint_model_id(job_id, step), fine_tuning_job_id=job_id,
         step_number=step, metrics=metrics)
 
 
