@@ -93,3 +93,21 @@ def test_adapter_list_is_a_summary_and_samples_have_their_route(client, settings
                       params={"version": 1}).json()["n_samples"] == N_ROWS
     assert_error(client.get("/v1/adapters/ft-samples/samples", headers=AUTH_B), 404)
     assert_error(client.get("/v1/adapters/ft-samples/samples", headers=AUTH_A, params={"version": 9}), 404)
+
+
+def test_adapters_name_the_base_by_its_public_id_not_a_host_path(client, settings, tmp_path):
+    """A manifest written before the worker recorded public ids holds the base's directory."""
+    base_dir = tmp_path / "models" / "chatglm3-tiny-local"
+    base_dir.mkdir(parents=True)
+    src = tmp_path / "src-legacy"
+    src.mkdir()
+    (src / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}))
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    AdapterRegistry(settings.resolved_registry_dir).publish(
+        tenant="alice", name="ft-legacy", source_dir=src,
+        manifest={"base_model": str(base_dir), "target_modules": ["q_proj"], "r": 4, "lora_alpha": 8.0})
+    [adapter] = client.get("/v1/adapters", headers=AUTH_A).json()["data"]
+    assert adapter["base_model"] == "chatglm3-tiny-local"
+    assert client.get("/v1/adapters/ft-legacy", headers=AUTH_A).json()["base_model"] == "chatglm3-tiny-local"
+    models = client.get("/v1/models", headers=AUTH_A).json()["data"]
+    assert [m["base_model"] for m in models if m["id"] == "ft-legacy"] == ["chatglm3-tiny-local"]

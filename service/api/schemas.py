@@ -319,8 +319,12 @@ class _AdapterPublicBase(BaseModel):
     created_at: int
 
     @classmethod
-    def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
+    def from_domain(cls, m: AdapterManifest, base_model: str | None = None) -> "AdapterPublic":
+        """`base_model`: the base's public id when the caller knows it (older manifests may
+        hold a host path)."""
         fields = m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS))
+        if base_model:
+            fields["base_model"] = base_model
         fields["metrics"] = metrics_summary(fields.get("metrics"))  # the rows: /v1/adapters/{name}/samples
         return cls(id=m.model_id, created_at=unix(m.created_at), **fields)
 

@@ -8,6 +8,7 @@ from service.api.schemas import ModelDeleted, ModelList, ModelPublic, error_resp
 from service.api.serving_chat import resolve_model
 from service.core.domain import BASE_ADAPTER, AdapterManifest
 from service.core.errors import InvalidInput, NotFound
+from service.core.identity import public_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
 
@@ -17,14 +18,14 @@ def _base(state) -> ModelPublic:
                        kind="base")
 
 
-def _adapter(m: AdapterManifest) -> ModelPublic:
+def _adapter(m: AdapterManifest, state) -> ModelPublic:
     return ModelPublic(id=m.model_id, created=unix(m.created_at) or 0, owned_by="user", kind="adapter",
-                       base_model=m.base_model, version=m.version)
+                       base_model=public_id(m.base_model, state.settings), version=m.version)
 
 
 @router.get("", response_model=ModelList)
 def list_models(tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelList:
-    return ModelList(data=[_base(state)] + [_adapter(m) for m in registry.list(tenant)])
+    return ModelList(data=[_base(state)] + [_adapter(m, state) for m in registry.list(tenant)])
 
 
 @router.get("/{model:path}", response_model=ModelPublic, responses=error_responses(404))
@@ -32,7 +33,7 @@ async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state:
     # `:path` because hub ids ("THUDM/chatglm3-6b") contain a slash.
     if await resolve_model(state, tenant, model) == BASE_ADAPTER:
         return _base(state)
-    return _adapter(registry.resolve(tenant, model)[1])
+    return _adapter(registry.resolve(tenant, model)[1], state)
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(404, 409))
