@@ -2,11 +2,12 @@
 
 One call does everything, baseline included (same card, same process):
 
-  check   every shape/dtype/layout case: our kernels vs bitsandbytes' dequantize_4bit +
-          an fp32 matmul (bit-equal fraction, relative error), and bitsandbytes' own
-          matmul_4bit's error on the same case for scale
-  sweep   launch configs per (rows, projection shape), each timed as a CUDA graph over
-          enough weight copies to defeat the 60 MB L2
+  check   every shape/dtype/layout case: each of our kernels and bitsandbytes' own
+          matmul_4bit against two float64 references (NF4 weights in float32, and the
+          bf16-rounded copy dequantize_4bit returns): relative errors side by side
+  sweep   `_nf4_mma` launch configs per (rows, projection shape), each timed as a CUDA
+          graph over enough weight copies to defeat the 60 MB L2; then, for the best one,
+          the cost of exactness (one bf16 code instead of hi + lo) and of table loads
   floor   every NF4 matmul of one ChatGLM3-6B decode step (28 layers x 4 projections,
           2.86 GB packed) in one CUDA graph: ours (best swept configs and the shipped
           defaults) vs bitsandbytes vs dense bf16, rows 1/8/32/128
@@ -76,6 +77,8 @@ def graph_time(fn, reps: int = 20) -> float:
 
 
 def check(quick: bool) -> None:
+    import copy
+
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
@@ -94,80 +97,96 @@ def check(quick: bool) -> None:
         p = quantized(n, k, nested=nested, dtype=dtype, blocksize=bs)
         x = torch.randn(m, k, dtype=dtype, device="cuda")
         b = torch.randn(n, dtype=dtype, device="cuda") if bias else None
-        wd = F.dequantize_4bit(p.data, p.quant_state)
-        exact = x.float() @ wd.float().T + (b.float() if bias else 0)
-        ref = exact.to(dtype)
+        # Two references: NF4 in float32 (bitsandbytes' dequantization before its cast) and the
+        # bf16-rounded copy dequantize_4bit returns (what a QLoRA forward multiplies with).
+        qs32 = copy.copy(p.quant_state)
+        qs32.dtype = torch.float32
+        w32 = F.dequantize_4bit(p.data, qs32).double()
+        wd = F.dequantize_4bit(p.data, p.quant_state).double()
+        exact32 = x.double() @ w32.T + (b.double() if bias else 0)
+        exact16 = x.double() @ wd.T + (b.double() if bias else 0)
         y = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         ops = K.operands(p)
-        out = K.nf4_matmul(x, p, b)
-        ours_g = K.launch_gemv(x, ops, y.clone(), b)
-        ours_m = K.launch_gemm(x, ops, y.clone(), b)
-        lib = bnb.matmul_4bit(x, p.t(), bias=b, quant_state=p.quant_state)
+        outs = dict(entry=K.nf4_matmul(x, p, b), mma=K.launch_mma(x, ops, y.clone(), b),
+                    mma_one_code=K.launch_mma(x, ops, y.clone(), b, K.MmaConfig(split_code=False)),
+                    gemv=K.launch_gemv(x, ops, y.clone(), b), gemm=K.launch_gemm(x, ops, y.clone(), b),
+                    bnb=bnb.matmul_4bit(x, p.t(), bias=b, quant_state=p.quant_state),
+                    rounded32=exact32.to(dtype), rounded16=exact16.to(dtype))
         torch.cuda.synchronize()
-
-        def rel(a):
-            return ((a.double() - exact.double()).norm() / exact.double().norm()).item()
-        row = dict(m=m, n=n, k=k, nested=nested, dtype=str(dtype).split(".")[-1], blocksize=bs, bias=bias,
-                   entry_rel=rel(out), gemv_rel=rel(ours_g), gemm_rel=rel(ours_m), bnb_rel=rel(lib),
-                   ref_rounding_rel=rel(ref),
-                   gemv_equal=(ours_g == ref).float().mean().item(), gemm_equal=(ours_m == ref).float().mean().item(),
-                   nan=bool(torch.isnan(out).any() or torch.isnan(ours_g).any() or torch.isnan(ours_m).any()))
-        worst = max(worst, row["entry_rel"] / max(row["ref_rounding_rel"], 1e-7))
+        row = dict(m=m, n=n, k=k, nested=nested, dtype=str(dtype).split(".")[-1], blocksize=bs, bias=bias)
+        for name, out in outs.items():
+            for ref_name, ref in (("w32", exact32), ("w16", exact16)):
+                row[f"{name}_rel_{ref_name}"] = float(f"{((out.double() - ref).norm() / ref.norm()).item():.3g}")
+            row[f"{name}_nan"] = bool(torch.isnan(out).any())
+        worst = max(worst, row["mma_rel_w32"] / max(row["rounded32_rel_w32"], 1e-7))
         rows.append(row)
     rec("check", rows)
-    rec("check_worst_entry_rel_over_rounding", round(worst, 3))
+    rec("check_worst_mma_rel_over_rounding", round(worst, 3))
 
 
-def sweep(quick: bool, gemv_only: bool = False) -> dict:
-    import triton
+def sweep_mma(quick: bool) -> dict:
+    """`_nf4_mma` launch configs per (rows, shape). Returns {(k, n, m): (seconds, MmaConfig)}."""
+    import dataclasses
 
     from service.inference import kernels as K
 
     best: dict = {}
     table = []
-    row_counts = (1,) if gemv_only else (1, 2, 4, 8, 16, 32, 64, 128) if not quick else (1, 8, 32)
+    row_counts = (1, 8, 32, 128) if not quick else (1, 32)
+    weights = {}
     for (k, n) in SHAPES:
         copies = max(2, int(300e6 // (n * k // 2)))  # > L2 several times over
         ws = [quantized(n, k) for _ in range(copies)]
-        opss = [K.operands(p) for p in ws]
-        for m in row_counts:
+        weights[(k, n)] = (ws, [K.operands(p) for p in ws])
+    for m in row_counts:
+        base = K.mma_config(m)
+        variants = []
+        for bn, nw, st in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+            if bn == 256 and base.block_m >= 64:
+                continue
+            for target in (132, 264, 528):
+                variants.append(dataclasses.replace(base, block_n=bn, num_warps=nw, num_stages=st,
+                                                    target_programs=target))
+        if quick:
+            variants = variants[::5]
+        per_cfg: dict = {}
+        for cfg in variants:
+            for (k, n) in SHAPES:
+                ws, opss = weights[(k, n)]
+                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                try:
+                    t = graph_time(lambda: [K.launch_mma(x, o, y, None, cfg) for o in opss]) / len(opss)
+                except Exception as e:  # noqa: BLE001 - a config the compiler refuses
+                    table.append(dict(k=k, n=n, m=m, cfg=cfg.__dict__, error=repr(e)[:300]))
+                    continue
+                table.append(dict(k=k, n=n, m=m, cfg=cfg.__dict__, us=round(t * 1e6, 2),
+                                  GBps=round((n * k / 2) / t / 1e9), split=K.mma_split(opss[0], m, cfg)[0]))
+                per_cfg.setdefault(cfg, {})[(k, n)] = t
+                if (k, n, m) not in best or t < best[(k, n, m)][0]:
+                    best[(k, n, m)] = (t, cfg)
+        # The effect of the two exactness/lookup choices on the best config of each shape.
+        for (k, n) in SHAPES:
+            t0, cfg0 = best[(k, n, m)]
+            ws, opss = weights[(k, n)]
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            variants = []
-            if gemv_only:
-                for bn, un, nw, st in itertools.product((4, 8, 16), (8, 16), (2, 4), (2, 3, 4)):
-                    variants.append(("gemv", K.LaunchConfig(block_n=bn, num_warps=nw, unroll=un, num_stages=st)))
-                variants.append(("gemv", K.LaunchConfig(block_n=8, num_warps=4, unroll=8, round_weights=False)))
-            elif m <= 4:
-                for bn, nw, un in ((16, 4, 4), (32, 4, 4), (16, 4, 8), (32, 8, 4), (64, 8, 4), (8, 4, 8)):
-                    variants.append(("gemv", K.LaunchConfig(block_n=bn, num_warps=nw, unroll=un)))
-                variants.append(("gemv", K.LaunchConfig(block_n=32, num_warps=4, unroll=4, round_weights=False)))
-            bm = min(max(16, triton.next_power_of_2(m)), 64)
-            for bn, un, nw, st in () if gemv_only else ((32, 2, 4, 3), (64, 2, 4, 3), (128, 2, 8, 3), (32, 4, 4, 3), (64, 4, 4, 3),
-                                   (64, 4, 8, 3), (16, 4, 4, 3)):
-                variants.append(("gemm", K.LaunchConfig(block_n=bn, block_m=bm, num_warps=nw, num_stages=st,
-                                                        unroll=un)))
-            if quick:
-                variants = variants[::3]
-            for kind, cfg in variants:
-                launch = K.launch_gemv if kind == "gemv" else K.launch_gemm
-                try:
-                    t = graph_time(lambda: [launch(x, o, y, None, cfg) for o in opss]) / copies
-                except Exception as e:  # noqa: BLE001 - a config the compiler refuses
-                    table.append(dict(k=k, n=n, m=m, kind=kind, cfg=cfg.__dict__, error=repr(e)[:200]))
-                    continue
-                gbps = (n * k / 2) / t / 1e9
-                table.append(dict(k=k, n=n, m=m, kind=kind, cfg=cfg.__dict__, us=round(t * 1e6, 2), GBps=round(gbps)))
-                key = (k, n, m)
-                if key not in best or t < best[key][0]:
-                    best[key] = (t, kind, cfg)
-            t, kind, cfg = best[(k, n, m)]
-            print(f"best k={k} n={n} m={m}: {kind} {cfg} {t*1e6:.1f} us {(n*k/2)/t/1e9:.0f} GB/s", flush=True)
-        del ws, opss
-        torch.cuda.empty_cache()
-    rec("sweep", table)
-    rec("sweep_best", [dict(k=k, n=n, m=m, kind=kind, cfg=cfg.__dict__, us=round(t * 1e6, 2),
-                            GBps=round((n * k / 2) / t / 1e9)) for (k, n, m), (t, kind, cfg) in best.items()])
+            for label, cfg in (("table_loads", dataclasses.replace(cfg0, lut_asm=False)),
+                               ("one_code", dataclasses.replace(cfg0, split_code=False)),
+                               ("default", base)):
+                t = graph_time(lambda: [K.launch_mma(x, o, y, None, cfg) for o in opss]) / len(opss)
+                table.append(dict(k=k, n=n, m=m, variant=label, cfg=cfg.__dict__, us=round(t * 1e6, 2),
+                                  GBps=round((n * k / 2) / t / 1e9), vs_best=round(t / t0, 3)))
+            print(f"best k={k} n={n} m={m}: {cfg0} {t0*1e6:.1f} us {(n*k/2)/t0/1e9:.0f} GB/s", flush=True)
+        complete = {c: sum(v.values()) for c, v in per_cfg.items() if len(v) == len(SHAPES)}
+        if complete:
+            c = min(complete, key=complete.get)
+            rec(f"mma_best_uniform_m{m}", dict(cfg=c.__dict__, step_shapes_us=round(complete[c] * 1e6, 2)))
+    rec("mma_sweep", table)
+    rec("mma_sweep_best", [dict(k=k, n=n, m=m, cfg=cfg.__dict__, us=round(t * 1e6, 2),
+                                GBps=round((n * k / 2) / t / 1e9)) for (k, n, m), (t, cfg) in best.items()])
+    del weights
+    torch.cuda.empty_cache()
     return best
 
 
@@ -184,34 +203,44 @@ def floor(best: dict) -> None:
             ws.append((p, K.operands(p), k, n))
     nbytes = sum(p.data.numel() for p, _, _, _ in ws)
     out = []
-    for m in (1, 8, 32, 128):
+    from service.core.config import Settings
+
+    fields = Settings.model_fields
+    served = (fields["nf4_kernel_min_rows"].default, fields["nf4_kernel_max_rows"].default)
+    rec("floor_served_rows", served)
+    for m in (1, 2, 8, 32, 64, 128):
         xs = {k: torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for k in (4096, 13696)}
 
         def bnb_step():
             for p, _, k, _ in ws:
                 bnb.matmul_4bit(xs[k], p.t(), quant_state=p.quant_state)
 
-        def ours_step():
+        def ours_step():  # what the engine runs by default: ours inside the setting's row range
             for p, o, k, _ in ws:
-                K.nf4_matmul(xs[k], p, ops=o)
+                K.nf4_matmul(xs[k], p, ops=o, min_rows=served[0], max_rows=served[1])
+
+        def previous_step():  # last round's kernels: GEMV at 1-2 rows, 3-D tile GEMM above
+            for p, o, k, n in ws:
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                (K.launch_gemv if m <= K.GEMV_MAX_ROWS else K.launch_gemm)(xs[k], o, y, None)
 
         def tuned_step():
             for p, o, k, n in ws:
                 entry = best.get((k, n, m))
-                if entry is None:
-                    K.nf4_matmul(xs[k], p, ops=o)
-                    continue
-                _, kind, cfg = entry
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                (K.launch_gemv if kind == "gemv" else K.launch_gemm)(xs[k], o, y, None, cfg)
+                K.launch_mma(xs[k], o, y, None, entry[1] if entry else None)
 
         row = dict(rows=m, weight_GB=round(nbytes / 1e9, 3))
-        for name, fn in (("bitsandbytes", bnb_step), ("ours_default", ours_step), ("ours_tuned", tuned_step)):
+        steps = [("bitsandbytes", bnb_step), ("ours_default", ours_step), ("ours_tuned", tuned_step)]
+        if m <= 32:
+            steps.append(("previous", previous_step))
+        for name, fn in steps:
             t = graph_time(fn, reps=10)
             row[f"{name}_ms"] = round(t * 1e3, 3)
             row[f"{name}_GBps"] = round(nbytes / t / 1e9)
         row["speedup_default_vs_bnb"] = round(row["bitsandbytes_ms"] / row["ours_default_ms"], 2)
         row["speedup_tuned_vs_bnb"] = round(row["bitsandbytes_ms"] / row["ours_tuned_ms"], 2)
+        row["HBM_fraction_default"] = round(nbytes / (row["ours_default_ms"] / 1e3) / 4.8e12, 3)
         out.append(row)
         print(row, flush=True)
     del ws
@@ -269,29 +298,12 @@ def lora(rows_list=(1, 8, 32, 128)) -> None:
     rec("lora_step", out)
 
 
-def write_best_gemv(best: dict, path: str | None) -> None:
-    """The one-row config with the least total time over the step's four shapes."""
-    if not path:
-        return
-    table = RESULTS.get("sweep", [])
-    totals: dict = {}
-    for row in table:
-        if row.get("m") == 1 and row.get("kind") == "gemv" and "us" in row:
-            key = json.dumps(row["cfg"], sort_keys=True)
-            totals.setdefault(key, []).append(row["us"])
-    complete = {k: sum(v) for k, v in totals.items() if len(v) == len(SHAPES)}
-    cfg = min(complete, key=complete.get)
-    rec("best_gemv_config", dict(cfg=json.loads(cfg), step_shapes_us=round(complete[cfg], 2)))
-    Path(path).write_text(cfg)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
-    ap.add_argument("--gemv-only", action="store_true", help="sweep one-row configs only")
     ap.add_argument("--lora-only", action="store_true", help="only the multi-LoRA kernels' step timing")
-    ap.add_argument("--best-gemv-to", default=None, help="write the fastest one-row config (JSON) here")
+    ap.add_argument("--skip-lora", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "GPU only"
@@ -306,11 +318,12 @@ def main() -> None:
     t0 = time.time()
     best: dict = {}
     sections = [("check", lambda: check(args.quick)),
-                ("sweep", lambda: best.update({} if args.skip_sweep else sweep(args.quick, args.gemv_only))),
-                ("best_gemv", lambda: write_best_gemv(best, args.best_gemv_to)),
+                ("sweep", lambda: best.update({} if args.skip_sweep else sweep_mma(args.quick))),
                 ("floor", lambda: floor(best)), ("lora", lora)]
     if args.lora_only:
         sections = [("lora", lora)]
+    elif args.skip_lora:
+        sections = sections[:-1]
     for name, fn in sections:
         try:
             fn()

@@ -201,7 +201,8 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
                         max_batch_size=streams_max, max_seq_len=args.max_seq_len, max_queue=4096,
                         request_timeout_s=3600, cuda_graphs=not args.no_graphs, torch_compile=args.compile,
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
-                        nf4_kernel_max_rows=args.nf4_max_rows, lora_kernels=lora_kernels)
+                        nf4_kernel_min_rows=args.nf4_min_rows, nf4_kernel_max_rows=args.nf4_max_rows,
+                        lora_kernels=lora_kernels)
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -298,7 +299,12 @@ def main() -> None:
     p.add_argument("--large-adapters", type=int, default=32)
     p.add_argument("--no-nf4-kernels", action="store_true", help="serve with bitsandbytes' NF4 kernels")
     p.add_argument("--lora-kernels", action="store_true", help="the multi-LoRA term through our Triton kernels")
-    p.add_argument("--nf4-max-rows", type=int, default=1, help="rows up to which our NF4 kernels serve")
+    from service.core.config import Settings
+
+    p.add_argument("--nf4-min-rows", type=int, default=Settings.model_fields["nf4_kernel_min_rows"].default,
+                   help="rows from which our NF4 kernels serve (default: the setting's)")
+    p.add_argument("--nf4-max-rows", type=int, default=Settings.model_fields["nf4_kernel_max_rows"].default,
+                   help="rows up to which our NF4 kernels serve (default: the setting's)")
     p.add_argument("--compare-bnb", action="store_true",
                    help="first measure one stream and --streams with bitsandbytes' kernels (rows bnb_*)")
     p.add_argument("--kernel-floor", action="store_true",

@@ -26,7 +26,7 @@ def gpu_engine(tmp_path_factory, base_fp32):
     for i, name in enumerate(["g1", "g2", "g3"]):
         publish(registry, base_fp32, tenant="t1", name=name, seed=300 + i, r=[4, 8, 2][i])
     settings = engine_settings(tmp_path_factory.mktemp("data"), FIXTURE, device="cuda", load_in_4bit=True,
-                               cuda_graphs=True, max_batch_size=8, max_seq_len=256)
+                               cuda_graphs=True, max_batch_size=8, max_seq_len=256, nf4_kernels=False)
     engine = InferenceEngine(settings, registry)
     run(engine.start())
     yield engine
@@ -136,7 +136,7 @@ def test_cuda_nf4_kernels_serve_the_base_and_match_bitsandbytes(gpu_engine, tmp_
     cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
     bnb_alone, bnb_mixed, _ = teacher_forced_rows(gpu_engine, "t1", cases)
     settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
-                               max_batch_size=8, max_seq_len=256, nf4_kernels=True, nf4_kernel_max_rows=128)
+                               max_batch_size=8, max_seq_len=256, nf4_kernels=True, nf4_kernel_min_rows=1, nf4_kernel_max_rows=128)
     ours_engine = InferenceEngine(settings, gpu_engine.registry)
     run(ours_engine.start())
     try:

@@ -59,12 +59,17 @@ class Settings(BaseSettings):
     # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
     # optionally torch.compile the step first.
     cuda_graphs: bool = True
-    # Opt-in: NF4 matmuls of up to nf4_kernel_max_rows rows through our Triton kernels
-    # (service/inference/kernels) instead of bitsandbytes' (CUDA only; other shapes and larger
-    # batches stay bitsandbytes'). Off by default: on an H200 (bench/results/h200-2026-12-02)
-    # they are exact but slower than bitsandbytes (one row: 4.18 ms vs 2.94 ms per step).
-    nf4_kernels: bool = False
-    nf4_kernel_max_rows: int = Field(default=1, ge=1, le=128)
+    # NF4 matmuls of nf4_kernel_min_rows..nf4_kernel_max_rows rows through our Triton kernel
+    # (service/inference/kernels: exact NF4, CUDA only); other row counts and shapes stay
+    # bitsandbytes'. The default range is where ours is faster on an H200
+    # (bench/results/h200-2026-12-02-mma/serving.json, "floor": a decode step's NF4 matmuls
+    # at 8 rows 4.86 ms vs bitsandbytes' 10.40, 32 rows 5.40 vs 10.36, 64 rows 6.85 vs 10.14;
+    # bitsandbytes wins at 1 row (its GEMV, 2.93 vs 4.48), 2 rows (4.41 vs 4.79) and 128 rows
+    # (10.79 vs 11.21). 3 rows is not measured: the range starts there as bitsandbytes' time
+    # grows with rows below 8 and ours does not.
+    nf4_kernels: bool = True
+    nf4_kernel_min_rows: int = Field(default=3, ge=1, le=128)
+    nf4_kernel_max_rows: int = Field(default=64, ge=1, le=128)
     # Opt-in: the multi-LoRA term as two Triton kernels (shrink, expand) instead of PyTorch's
     # GEMMs + multiply + add (CUDA only).
     lora_kernels: bool = False

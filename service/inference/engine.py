@@ -196,7 +196,8 @@ class InferenceEngine:
             lora_targets=targets, lora_budget_bytes=settings.adapter_gpu_budget_bytes,
             device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
             torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
-            nf4_kernel_max_rows=settings.nf4_kernel_max_rows, lora_kernels=settings.lora_kernels)
+            nf4_kernel_rows=(settings.nf4_kernel_min_rows, settings.nf4_kernel_max_rows),
+            lora_kernels=settings.lora_kernels)
         self._runner = runner
         self._stop_ids = frozenset(int(i) for i in stop_ids)
         self._free = list(range(settings.max_batch_size))

@@ -82,7 +82,7 @@ class ModelRunner:
                  lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
                  cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
                  max_lora_columns: int = 4096, nf4_kernels: bool = False,
-                 nf4_kernel_max_rows: int = 1, lora_kernels: bool = False):
+                 nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False):
         self.model = model.eval()
         self.slot_attention = _use_slot_attention(model)
         self.device = torch.device(device)
@@ -108,7 +108,7 @@ class ModelRunner:
         self.wrapped, self.groups = install(model, lora_targets, self.capacity, self.dtype, self.device,
                                             self.ctx)
         self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
-        self.nf4_kernel_layers = self._use_nf4_kernels(nf4_kernel_max_rows) if nf4_kernels and self.device.type == "cuda" else 0
+        self.nf4_kernel_layers = self._use_nf4_kernels(nf4_kernel_rows) if nf4_kernels and self.device.type == "cuda" else 0
         self.ctx.kernels = bool(lora_kernels) and self.device.type == "cuda" and self._kernels_available()
         self.alloc = ColumnAllocator(self.capacity)
         self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
@@ -153,14 +153,14 @@ class ModelRunner:
             return False
         return kernels.available(self.device)
 
-    def _use_nf4_kernels(self, max_rows: int) -> int:
+    def _use_nf4_kernels(self, rows: tuple[int, int]) -> int:
         """Swap the base's NF4 layers to our kernels (after the LoRA wrappers took theirs)."""
         if not self._kernels_available():
             return 0
         from service.inference.kernels.linear import use_nf4_kernels
 
-        swapped = use_nf4_kernels(self.model, max_rows)
-        log.info("NF4 kernels serve %d layers (batches up to %d rows)", swapped, max_rows)
+        swapped = use_nf4_kernels(self.model, rows)
+        log.info("NF4 kernels serve %d layers (batches of %d-%d rows)", swapped, *rows)
         return swapped
 
     # ----------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ output dtype, plus the float32 accumulation's worst-case error (gamma_K * sum|x|
 terms follow from the formats, not from one machine."""
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 import pytest
@@ -26,20 +29,28 @@ def quantized(n: int, k: int, *, nested: bool = True, dtype=torch.bfloat16, bloc
     return p.to(DEVICE)  # quantizes
 
 
-def reference(x: torch.Tensor, p, bias: torch.Tensor | None):
-    """(float64 value of x @ W_bnb.T + bias, the bound a faithful result must meet)."""
-    w = F.dequantize_4bit(p.data, p.quant_state).double()
+def reference(x: torch.Tensor, p, bias: torch.Tensor | None, weights: str = "rounded", code_error: float = 0.0):
+    """(float64 value of x @ W.T + bias, the bound a faithful result must meet).
+
+    W is bitsandbytes' dequantization: "rounded" is what dequantize_4bit returns (code *
+    absmax in float32, cast to the compute dtype), "float32" the same before the cast (the
+    exact NF4 value). `code_error` is a kernel's relative error on each code value."""
+    qs = p.quant_state
+    if weights == "float32":
+        qs = copy.copy(qs)
+        qs.dtype = torch.float32
+    w = F.dequantize_4bit(p.data, qs).double()
     exact = x.double() @ w.T
     if bias is not None:
         exact = exact + bias.double()
     k = x.shape[-1]
-    accumulation = (k + 2) * 2.0 ** -24 * (x.double().abs() @ w.abs().T)
+    accumulation = ((k + 2) * 2.0 ** -24 + code_error) * (x.double().abs() @ w.abs().T)
     ulp = torch.finfo(x.dtype).eps * exact.abs() + torch.finfo(x.dtype).tiny
     return exact, ulp + accumulation
 
 
-def assert_faithful(out: torch.Tensor, x, p, bias=None):
-    exact, bound = reference(x, p, bias)
+def assert_faithful(out: torch.Tensor, x, p, bias=None, **reference_kw):
+    exact, bound = reference(x, p, bias, **reference_kw)
     assert out.shape == exact.shape and out.dtype == x.dtype
     assert not torch.isnan(out).any(), "unwritten or NaN outputs"
     err = (out.double() - exact).abs()
@@ -61,7 +72,8 @@ CASES = [  # (rows, out N, in K, nested, dtype, blocksize, bias)
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
                          f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
-def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
+def case_operands(case):
+    """(weight, its kernel operands, x, bias) of one CASES row, seeded by its shape."""
     m, n, k, nested, dtype, bs, has_bias = case
     p = quantized(n, k, nested=nested, dtype=dtype, blocksize=bs, seed=m * 31 + n)
     g = torch.Generator().manual_seed(n + k)
@@ -69,10 +81,69 @@ def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
     bias = torch.randn(n, generator=g).to(dtype).to(DEVICE) if has_bias else None
     ops = kernels.operands(p)
     assert ops is not None and ops.nested == nested
+    return p, ops, x, bias
+
+
+def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
+    m, n, dtype = case[0], case[1], case[4]
+    p, ops, x, bias = case_operands(case)
     for launch in (kernels.launch_gemv, kernels.launch_gemm):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)  # poison: every element written
         launch(x, ops, out, bias)
         assert_faithful(out, x, p, bias)
+
+
+# The tensor-core kernel's code is hi + lo (two bf16/fp16 values; float32 inputs use the float32
+# code itself): its relative error per code value, read off the tables it uses.
+def code_error(dtype) -> float:
+    table = kernels.operands(quantized(16, 64)).tables[dtype]
+    code = kernels.operands(quantized(16, 64)).lut.double()
+    approx = table.hi.double() + table.lo.double()
+    nonzero = code != 0
+    assert torch.equal(approx[~nonzero], code[~nonzero])
+    return ((approx - code).abs()[nonzero] / code.abs()[nonzero]).max().item()
+
+
+CODE_ERROR = {dtype: code_error(dtype) for dtype in (torch.bfloat16, torch.float16, torch.float32)}
+assert CODE_ERROR[torch.bfloat16] <= 2.0 ** -17 and CODE_ERROR[torch.float16] <= 2.0 ** -19
+EXACT_BF16 = dict(weights="float32", code_error=CODE_ERROR[torch.bfloat16])  # what nf4_matmul serves
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
+                         f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
+def test_mma_kernel_is_faithful_to_exact_nf4(case):
+    """`_nf4_mma` scales each block's dot by its absmax, so it computes with the exact (float32)
+    NF4 weights rather than their bf16-rounded copy: it is held to that exact value, with and
+    without K split across programs (partial sums added by the reduce kernel)."""
+    m, n, dtype = case[0], case[1], case[4]
+    p, ops, x, bias = case_operands(case)
+    whole = kernels.MmaConfig(block_n=16, block_m=16, target_programs=1)
+    split = dataclasses.replace(whole, block_n=32, target_programs=64, min_steps=1)
+    assert kernels.mma_split(ops, m, whole)[0] == 1 and kernels.mma_split(ops, m, split)[0] > 1
+    for cfg in (whole, split, dataclasses.replace(split, swap=False)):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        kernels.launch_mma(x, ops, out, bias, cfg)
+        assert_faithful(out, x, p, bias, weights="float32", code_error=CODE_ERROR[dtype])
+
+
+def test_mma_with_one_code_value_is_not_exact():
+    """The bound above has teeth: one bf16 code per nibble (2^-9 off) fails it."""
+    p = quantized(40, 512, seed=5)
+    x = torch.randn(17, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
+    out = torch.empty(17, 40, dtype=torch.bfloat16, device=DEVICE)
+    kernels.launch_mma(x, kernels.operands(p), out, None, kernels.MmaConfig(block_n=16, split_code=False))
+    with pytest.raises(AssertionError, match="exceeds the rounding bound"):
+        assert_faithful(out, x, p, weights="float32", code_error=CODE_ERROR[torch.bfloat16])
+
+
+def test_lut_words_put_entry_e_in_byte_e_mod_4():
+    from service.inference.kernels.nf4 import lut_asm, lut_words
+
+    hi, lo = lut_words([(0xA0 + e) << 8 | e for e in range(16)])
+    assert hi == [0xA3A2A1A0, 0xA7A6A5A4, 0xABAAA9A8, 0xAFAEADAC]
+    assert lo == [0x03020100, 0x07060504, 0x0B0A0908, 0x0F0E0D0C]
+    asm = lut_asm([(0xA0 + e) << 8 | e for e in range(16)])
+    assert asm.count("prmt.b32") == 16 and "0xa3a2a1a0" in asm
 
 
 def test_entry_point_shapes_and_fallbacks():
@@ -81,13 +152,16 @@ def test_entry_point_shapes_and_fallbacks():
     x = torch.randn(2, 3, 256).to(torch.bfloat16).to(DEVICE)
     out = kernels.nf4_matmul(x, p, max_rows=8)  # leading dims kept
     assert out.shape == (2, 3, 40)
-    assert_faithful(out.reshape(6, 40), x.reshape(6, 256), p)
+    assert_faithful(out.reshape(6, 40), x.reshape(6, 256), p, **EXACT_BF16)
     # K = 96 is not a multiple of the blocksize: bitsandbytes answers, still right.
     odd = quantized(24, 96)
     assert kernels.operands(odd) is None
     xo = torch.randn(3, 96).to(torch.bfloat16).to(DEVICE)
     ref = bnb.matmul_4bit(xo, odd.t(), quant_state=odd.quant_state)
     assert torch.equal(kernels.nf4_matmul(xo, odd), ref)
+    # Fewer rows than the caller's range (one row, where bitsandbytes' GEMV is faster): bitsandbytes.
+    x1 = torch.randn(1, 256).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(kernels.nf4_matmul(x1, p, min_rows=2), bnb.matmul_4bit(x1, p.t(), quant_state=p.quant_state))
     # More rows than the kernels serve (a prefill): bitsandbytes too.
     xl = torch.randn(kernels.MAX_KERNEL_ROWS + 1, 256).to(torch.bfloat16).to(DEVICE)
     assert torch.equal(kernels.nf4_matmul(xl, p), bnb.matmul_4bit(xl, p.t(), quant_state=p.quant_state))
@@ -115,6 +189,6 @@ def test_nf4_linear_swaps_in_place_and_matches_linear4bit():
         assert model[0].max_rows == kernels.MAX_KERNEL_ROWS  # 3 rows: through our kernels
         assert isinstance(model[3], bnb.nn.Linear4bit)
         assert model[0].weight is weights[0] and model[2].weight is weights[1]  # no copy
-        assert_faithful(model[0](x), x, weights[0], model[0].bias)
-        assert_faithful(model[2](second_ref_in), second_ref_in, weights[1])
+        assert_faithful(model[0](x), x, weights[0], model[0].bias, **EXACT_BF16)
+        assert_faithful(model[2](second_ref_in), second_ref_in, weights[1], **EXACT_BF16)
         assert model(x).shape == (3, 8)

@@ -73,6 +73,7 @@ class NF4Operands:
     absmax2: torch.Tensor   # float32 [blocks / blocksize2] (nested) or placeholder
     offset: torch.Tensor    # float32 [1] (nested) or placeholder
     lut: torch.Tensor       # float32 [16]: the NF4 code
+    tables: dict            # compute dtype -> CodeTable (the code split for tensor cores)
     n: int
     k: int
     blocksize: int
@@ -98,10 +99,34 @@ def operands(weight) -> NF4Operands | None:
         offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor([float(qs.offset)])
         offset = offset.reshape(1).to(device=data.device, dtype=torch.float32)
         return NF4Operands(data.view(-1), qs.absmax.view(-1), s2.code.float(), s2.absmax.float().view(-1),
-                           offset, qs.code.float(), n, k, bs, bs2, True)
+                           offset, qs.code.float(), code_tables(qs.code), n, k, bs, bs2, True)
     placeholder = torch.zeros(1, dtype=torch.float32, device=data.device)
     return NF4Operands(data.view(-1), qs.absmax.float().view(-1), placeholder, placeholder, placeholder,
-                       qs.code.float(), n, k, bs, 1, False)
+                       qs.code.float(), code_tables(qs.code), n, k, bs, 1, False)
+
+
+@dataclass(frozen=True)
+class CodeTable:
+    """The 16 code values in one compute dtype for `_nf4_mma`: hi + lo equals the float32 code
+    to 2^-18 (lo is zero for float32, where hi is exact), as tensors (loaded where PTX cannot
+    run) and as byte-permute PTX (registers only)."""
+    hi: torch.Tensor
+    lo: torch.Tensor
+    asm_hi: str
+    asm_lo: str
+    split: bool
+
+
+def code_tables(code: torch.Tensor) -> dict:
+    """Per compute dtype, the table `launch_mma` reads (computed once per weight, at setup)."""
+    code = code.float()
+    tables = {torch.float32: CodeTable(code, torch.zeros_like(code), "", "", False)}
+    for dtype in (torch.bfloat16, torch.float16):
+        hi = code.to(dtype)
+        lo = (code - hi.float()).to(dtype)
+        bits = [t.view(torch.int16).tolist() for t in (hi, lo)]
+        tables[dtype] = CodeTable(hi, lo, _nf4.lut_asm(bits[0]), _nf4.lut_asm(bits[1]), True)
+    return tables
 
 
 def _unroll(ops: NF4Operands, cfg: LaunchConfig) -> int:
@@ -136,6 +161,68 @@ def launch_gemm(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torc
     return out
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    block_n: int = 128
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 264   # split K until about this many programs run (2 per H200 SM)
+    min_steps: int = 4           # ... but give each split at least this many 64-wide K steps
+    split_code: bool = True      # hi + lo code (exact); False: one bf16 code (2^-9 per weight)
+    lut_asm: bool = True         # byte permutes in registers; False: table loads
+    swap: bool = True            # weights as the dot's left operand (MMA M = output features)
+
+
+def mma_config(m: int) -> MmaConfig:
+    """Per row count, the config with the least total time over ChatGLM3's four projection
+    shapes in bench/kernels.py's sweep (H200; 33-64 rows interpolated, not swept)."""
+    if m <= 1:
+        return MmaConfig(block_n=256, block_m=16, num_stages=3, target_programs=264)
+    if m <= 16:
+        return MmaConfig(block_n=128, block_m=16, num_stages=4, target_programs=528)
+    if m <= 32:
+        return MmaConfig(block_n=128, block_m=32, num_stages=3, target_programs=264)
+    if m <= 64:
+        return MmaConfig(block_n=128, block_m=64, num_stages=3, target_programs=264)
+    return MmaConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, target_programs=264)
+
+
+def mma_split(ops: NF4Operands, m: int, cfg: MmaConfig) -> tuple[int, int]:
+    """(programs along K, 64-wide steps per program) for an [m, K] x [K, N] product."""
+    steps = ops.k // _nf4.STEP_K.value
+    tiles = triton.cdiv(ops.n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    split = max(1, min(round(cfg.target_programs / tiles), steps // max(cfg.min_steps, 1)))
+    per = triton.cdiv(steps, split)
+    return triton.cdiv(steps, per), per
+
+
+def launch_mma(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch.Tensor | None,
+               cfg: MmaConfig | None = None) -> torch.Tensor:
+    m = x.shape[0]
+    cfg = cfg or mma_config(m)
+    table = ops.tables[x.dtype]
+    split, per = mma_split(ops, m, cfg)
+    ws = torch.empty(split, m, ops.n, dtype=torch.float32, device=x.device) if split > 1 else out
+    asm = not _nf4.INTERPRETING and cfg.lut_asm and table.split
+    split_code = table.split and cfg.split_code
+    grid = (triton.cdiv(ops.n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    _nf4._nf4_mma[grid](
+        x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, table.hi, table.lo,
+        bias if bias is not None else out, out, ws, m, ops.n, ops.k, x.stride(0), out.stride(0), per,
+        NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1, SPLIT_CODE=split_code, LUT_ASM=asm,
+        ASM=table.asm_hi if asm else "", ASM2=table.asm_lo if asm else "",
+        DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32, SWAP=cfg.swap,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1:
+        block = 1024
+        _nf4._splitk_reduce[(triton.cdiv(m * ops.n, block),)](
+            ws, bias if bias is not None else out, out, m, ops.n, out.stride(0), SPLIT_K=split,
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out
+
+
 def _bnb_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     import bitsandbytes as bnb
 
@@ -143,27 +230,30 @@ def _bnb_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Ten
 
 
 def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
-               ops: NF4Operands | None = None, max_rows: int = MAX_KERNEL_ROWS) -> torch.Tensor:
+               ops: NF4Operands | None = None, max_rows: int = MAX_KERNEL_ROWS, min_rows: int = 1) -> torch.Tensor:
     """`x @ dequantize_4bit(weight).T (+ bias)` for x `[..., K]` and an NF4 `Params4bit`.
 
     `ops` (from `operands(weight)`) may be passed to skip re-deriving the views per call;
-    more than `max_rows` rows go to bitsandbytes."""
+    fewer than `min_rows` or more than `max_rows` rows go to bitsandbytes (where it is faster)."""
     ops = ops or operands(weight)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    if (ops is None or not available(x.device) or m == 0 or m > min(max_rows, MAX_KERNEL_ROWS)
+    if (ops is None or not available(x.device) or m < max(min_rows, 1) or m > min(max_rows, MAX_KERNEL_ROWS)
             or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.shape[-1] != ops.k
             or x.device != ops.packed.device):
         return _bnb_matmul(x, weight, bias)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(m, ops.n, dtype=x.dtype, device=x.device)
-    if m <= GEMV_MAX_ROWS:
+    if ops.blocksize % _nf4.STEP_K.value == 0:
+        launch_mma(x2, ops, out, bias)
+    elif m <= GEMV_MAX_ROWS:  # blocksize 32: the per-weight kernels
         launch_gemv(x2, ops, out, bias)
     else:
         launch_gemm(x2, ops, out, bias)
     return out.reshape(*lead, ops.n)
 
 
-__all__ = ["MAX_KERNEL_ROWS", "LaunchConfig", "NF4Operands", "available", "nf4_matmul", "operands"]
+__all__ = ["MAX_KERNEL_ROWS", "LaunchConfig", "MmaConfig", "NF4Operands", "available", "launch_mma", "nf4_matmul",
+           "operands"]

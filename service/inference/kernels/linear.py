@@ -13,14 +13,14 @@ from service.inference.kernels import MAX_KERNEL_ROWS, NF4Operands, nf4_matmul, 
 
 
 class NF4Linear(nn.Module):
-    def __init__(self, base: nn.Module, ops: NF4Operands, max_rows: int):
+    def __init__(self, base: nn.Module, ops: NF4Operands, rows: tuple[int, int]):
         super().__init__()
         self.weight = base.weight  # the Params4bit itself (quant_state attached)
         self.bias = base.bias
         self.in_features, self.out_features = ops.k, ops.n
         self.compute_dtype = getattr(base, "compute_dtype", None)
         self._ops = ops
-        self.max_rows = max_rows
+        self.min_rows, self.max_rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As Linear4bit: compute in its compute dtype, answer in the input's.
@@ -28,15 +28,16 @@ class NF4Linear(nn.Module):
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
         bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return nf4_matmul(x, self.weight, bias, ops=self._ops, max_rows=self.max_rows).to(in_dtype)
+        return nf4_matmul(x, self.weight, bias, ops=self._ops, min_rows=self.min_rows,
+                          max_rows=self.max_rows).to(in_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 (our kernels)"
 
 
-def use_nf4_kernels(model: nn.Module, max_rows: int = MAX_KERNEL_ROWS) -> int:
-    """Swap covered Linear4bit modules in place (our kernels for up to `max_rows` rows,
-    bitsandbytes beyond); returns how many were swapped."""
+def use_nf4_kernels(model: nn.Module, rows: tuple[int, int] = (1, MAX_KERNEL_ROWS)) -> int:
+    """Swap covered Linear4bit modules in place (our kernels for batches of `rows` = (min, max)
+    rows, bitsandbytes for the others); returns how many were swapped."""
     import bitsandbytes as bnb
 
     swapped = 0
@@ -48,6 +49,6 @@ def use_nf4_kernels(model: nn.Module, max_rows: int = MAX_KERNEL_ROWS) -> int:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear(module, ops, max_rows))
+        setattr(parent, child, NF4Linear(module, ops, rows))
         swapped += 1
     return swapped

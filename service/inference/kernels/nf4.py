@@ -153,3 +153,181 @@ def _nf4_gemm(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, bias
         acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + n[None, :]
     tl.store(out, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# --- tensor-core kernel for every row count: codes looked up in registers, scaled after the dot ---
+#
+# Why a third kernel: the two above spend one table load (through L1, 64-bit address) and a
+# multiply per weight before any math, and the GEMM's 3-D tiles cost layout conversions
+# (measured 16-64 GB/s on an H200). `_nf4_mma` instead
+# * feeds tensor cores the bare NF4 *code* of each nibble (no per-weight absmax multiply):
+#   within one quantization block every weight shares its absmax, so
+#   sum_k x_k * code_k * absmax = absmax * (x . code) and the block's dot is scaled once;
+# * keeps the code exact: float32 code = hi + lo with hi = bf16(code), lo = bf16(code - hi)
+#   (|error| <= 2^-18 |code|, below float32 accumulation's own), two dots per block;
+# * looks the codes up with byte permutes (`prmt`) on a 16-entry table held in immediates,
+#   8 nibbles per few integer instructions, instead of memory loads (FLUTE's idea); the
+#   interpreter cannot run PTX, so there (and with LUT_ASM=False) the table is loaded;
+# * reads the packed bytes as bitsandbytes wrote them: a [BLOCK_N, 32] tile of one
+#   64-wide K step holds the even K positions in its high nibbles and the odd ones in its
+#   low nibbles, so the activations are read as even and odd columns and nothing is
+#   interleaved;
+# * splits K across programs when the output has too few column tiles to fill the card,
+#   each writing float32 partial sums that `_splitk_reduce` adds (deterministic).
+# The weight tile is the dot's left operand (swap-AB, as Marlin-class kernels do for small
+# batches): the output's N runs along the MMA's M dimension, the few activation rows along
+# its N dimension (padded to 16; padded rows re-read row M-1 and are never stored).
+STEP_K = tl.constexpr(64)  # K positions per loop step (one dot pair); divides every supported blocksize
+
+
+def lut_words(values) -> tuple[list[int], list[int]]:
+    """The 16 16-bit table entries as byte-permute operands: four words of high bytes and four
+    of low bytes, entry e in byte e % 4 of word e // 4."""
+    bits = [int(v) & 0xFFFF for v in values]
+    hi = [sum(((bits[4 * w + i] >> 8) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+    lo = [sum((bits[4 * w + i] & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+    return hi, lo
+
+
+def lut_asm(values) -> str:
+    """PTX mapping 4 packed bytes ($4) to the 16-bit table entries of their high nibbles
+    ($0: bytes 0,1; $1: bytes 2,3) and low nibbles ($2, $3), for `inline_asm_elementwise`
+    with pack=4. Per 16-bit half (4 nibbles): prmt selects bytes of entries 0-7 and 8-15
+    with the nibbles' low 3 bits, a third prmt picks between them with bit 3, and two more
+    interleave high/low bytes into bf16 pairs."""
+    th, tl_ = lut_words(values)
+    lines = ["{", ".reg .b32 h, s, t, a, b, H, L;"]
+    for half, (out_hi, out_lo) in enumerate((("$0", "$2"), ("$1", "$3"))):
+        lines.append("mov.b32 h, $4;" if half == 0 else "shr.u32 h, $4, 16;")
+        lines += [
+            "and.b32 s, h, 0x7777;",
+            "shr.u32 t, h, 1;", "and.b32 t, t, 0x4444;", "or.b32 t, t, 0x3210;",
+            f"prmt.b32 a, {th[0]:#x}, {th[1]:#x}, s;", f"prmt.b32 b, {th[2]:#x}, {th[3]:#x}, s;",
+            "prmt.b32 H, a, b, t;",
+            f"prmt.b32 a, {tl_[0]:#x}, {tl_[1]:#x}, s;", f"prmt.b32 b, {tl_[2]:#x}, {tl_[3]:#x}, s;",
+            "prmt.b32 L, a, b, t;",
+            # fields of h: (byte0 low, byte0 high, byte1 low, byte1 high)
+            f"prmt.b32 {out_hi}, L, H, 0x7351;", f"prmt.b32 {out_lo}, L, H, 0x6240;",
+        ]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.jit
+def _codes(p, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr):
+    """Table entries (the table's dtype) of the high and low nibbles of packed bytes `p` (uint8)."""
+    if LUT_ASM:
+        ty = lut_ptr.dtype.element_ty
+        hi, lo = tl.inline_asm_elementwise(ASM, "=r,=r,=r,=r,r", [p], dtype=(ty, ty), is_pure=True, pack=4)
+    else:
+        q = p.to(tl.int32)
+        hi = tl.load(lut_ptr + (q >> 4))
+        lo = tl.load(lut_ptr + (q & 15))
+    return hi, lo
+
+
+@triton.jit
+def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_ptr, bias_ptr, y_ptr, ws_ptr,
+             M, N, K, stride_xm, stride_ym, steps_per_split,
+             NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLIT_CODE: tl.constexpr,
+             LUT_ASM: tl.constexpr, ASM: tl.constexpr, ASM2: tl.constexpr, DOT_F32: tl.constexpr,
+             SWAP: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    HALF: tl.constexpr = STEP_K // 2
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = n < N
+    m_mask = rows < M
+    # Out-of-range columns and rows read valid memory (row N-1 / M-1) and are never stored:
+    # the loads need no masks and stay vectorised.
+    n_in = tl.minimum(n, N - 1)
+    rows_in = tl.minimum(rows, M - 1)
+    kbytes = K // 2
+    nblocks = K // BLOCKSIZE
+    j = tl.arange(0, HALF)
+    if SWAP:  # weights [BLOCK_N, HALF] as the left operand, activations [HALF, BLOCK_M]
+        w_tile = w_ptr + n_in.to(tl.int64)[:, None] * kbytes + j[None, :]
+        x_even = x_ptr + rows_in.to(tl.int64)[None, :] * stride_xm + 2 * j[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:     # activations [BLOCK_M, HALF] on the left, weights [HALF, BLOCK_N] on the right
+        w_tile = w_ptr + n_in.to(tl.int64)[None, :] * kbytes + j[:, None]
+        x_even = x_ptr + rows_in.to(tl.int64)[:, None] * stride_xm + 2 * j[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    blk_row = n_in.to(tl.int64) * nblocks
+    step0 = pid_k * steps_per_split
+    step1 = tl.minimum(step0 + steps_per_split, K // STEP_K)
+    for step in range(step0, step1):
+        p = tl.load(w_tile + step * HALF)
+        xe = tl.load(x_even + step * STEP_K)
+        xo = tl.load(x_even + step * STEP_K + 1)
+        if DOT_F32:  # the interpreter (bf16 dot unreliable there) and float32 inputs
+            xe = xe.to(tl.float32)
+            xo = xo.to(tl.float32)
+        d = _code_dots(p, xe, xo, lut_ptr, LUT_ASM, ASM, DOT_F32, SWAP, None)
+        if SPLIT_CODE:
+            d = _code_dots(p, xe, xo, lut2_ptr, LUT_ASM, ASM2, DOT_F32, SWAP, d)
+        blk = blk_row + (step * STEP_K) // BLOCKSIZE
+        absmax = _block_absmax(aq_ptr, code2_ptr, a2_ptr, offset_ptr, blk, n_mask, NESTED, BLOCKSIZE2)
+        if SWAP:
+            acc += d * absmax[:, None]
+        else:
+            acc += d * absmax[None, :]
+    if SWAP:
+        mask = n_mask[:, None] & m_mask[None, :]
+        out_off = rows.to(tl.int64)[None, :] * stride_ym + n[:, None]
+        part_off = (pid_k * M + rows.to(tl.int64))[None, :] * N + n[:, None]
+        bias_ix = n_in[:, None]
+    else:
+        mask = m_mask[:, None] & n_mask[None, :]
+        out_off = rows.to(tl.int64)[:, None] * stride_ym + n[None, :]
+        part_off = (pid_k * M + rows.to(tl.int64))[:, None] * N + n[None, :]
+        bias_ix = n_in[None, :]
+    if not SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + bias_ix).to(tl.float32)
+        tl.store(y_ptr + out_off, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
+    else:
+        tl.store(ws_ptr + part_off, acc, mask=mask)
+
+
+@triton.jit
+def _code_dots(p, xe, xo, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr, DOT_F32: tl.constexpr,
+               SWAP: tl.constexpr, acc):
+    """The even and odd K positions' dots with one code table (added to `acc` unless None)."""
+    hi, lo = _codes(p, lut_ptr, LUT_ASM, ASM)
+    if DOT_F32:
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
+        if SWAP:
+            d = tl.dot(hi, xe, acc, input_precision="ieee")
+            d = tl.dot(lo, xo, d, input_precision="ieee")
+        else:
+            d = tl.dot(xe, hi, acc, input_precision="ieee")
+            d = tl.dot(xo, lo, d, input_precision="ieee")
+    else:
+        if SWAP:
+            d = tl.dot(hi, xe, acc)
+            d = tl.dot(lo, xo, d)
+        else:
+            d = tl.dot(xe, hi, acc)
+            d = tl.dot(xo, lo, d)
+    return d
+
+
+@triton.jit
+def _splitk_reduce(ws_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """y = sum of the SPLIT_K float32 partial products (+ bias), rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    row = offs // N
+    col = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + col, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
