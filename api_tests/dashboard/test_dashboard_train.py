@@ -278,3 +278,17 @@ def redis_queue_train(train_server):
     yield r
     r.delete(train_server.settings.task_queue)
     r.close()
+
+
+def test_keys_page_lists_prefixes_creates_once_and_revokes(server, page):
+    page.goto(f"{server.url}/#/keys")
+    page.wait_for_selector("#keys-table")
+    assert "(this page)" in page.inner_text("#keys-table") and KEY not in page.inner_text("#keys-table")
+    page.fill("#key-name", "ci")
+    page.click("#key-create")
+    key = page.wait_for_selector("#new-key-value").inner_text()
+    row = page.wait_for_selector("#keys-table tr:has-text('ci')")
+    assert key[:6] in row.inner_text() and key not in page.inner_text("#keys-table")
+    page.once("dialog", lambda d: d.accept())
+    row.query_selector("button.danger-text").click()
+    page.wait_for_function("[...document.querySelectorAll('#keys-table tr')].some(r => r.textContent.includes('ci') && !r.querySelector('button'))")

@@ -21,7 +21,7 @@ from service.api.deps import AppState
 from service.api.errors import install_error_handlers
 from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
-from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
+from service.api.routes import adapters, chat, files, health, jobs, keys, models, webhooks
 from service.api.uploads import clean_stale_parts
 from service.core.checkpoints import CheckpointModels
 from service.core.config import Settings, get_settings
@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tuneserve = None
     install_error_handlers(app)
-    for module in (files, jobs, chat, models, adapters, webhooks, health):
+    for module in (files, jobs, chat, models, adapters, webhooks, keys, health):
         app.include_router(module.router)
 
     # The dashboard: a static shell (no auth: it holds no data; it calls the API with a key).

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from service.core.domain import (
     BASE_LEARNING_RATE,
+    ApiKeyInfo,
     AdapterManifest,
     DatasetFormat,
     DatasetSource,
@@ -568,3 +569,36 @@ class SimpleChatResponse(BaseModel):
     usage: Usage
     model: str
     finish_reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# API keys of the caller's tenant (ours; the operator's `tuneserve keys` works on every tenant)
+# ---------------------------------------------------------------------------------------
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE)
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as listed: its first characters only (only a hash of the whole key is stored)."""
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str | None = None
+    prefix: str
+    created_at: int
+    revoked_at: int | None = None
+
+    @classmethod
+    def from_domain(cls, k: ApiKeyInfo) -> "ApiKeyPublic":
+        return cls(id=k.id, name=k.name, prefix=k.prefix, created_at=unix(k.created_at) or 0,
+                   revoked_at=unix(k.revoked_at))
+
+
+class ApiKeyWithSecret(ApiKeyPublic):
+    """Create only: the one time the whole key is shown."""
+    key: str
+
+
+class ApiKeyList(ListResponse):
+    data: list[ApiKeyPublic]

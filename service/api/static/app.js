@@ -216,6 +216,7 @@
     else if (name === "adapters") disposeView = adaptersView(root);
     else if (name === "new") disposeView = newJobView(root);
     else if (name === "webhooks") disposeView = webhooksView(root);
+    else if (name === "keys") disposeView = keysView(root);
     else if (name === "chat") disposeView = chatView(root, parts[1] || null);
     else { root.append(h("p", { text: "Unknown page." })); }
   }
@@ -1010,6 +1011,53 @@
       h("p", { class: "muted", text: "POSTed when a job succeeds, fails or is cancelled, signed as OpenAI signs them " +
                                      "(verify with the openai package's client.webhooks.unwrap)." }),
       secretBox, h("section", { class: "card" }, list), h("section", { class: "card" }, h("h2", { text: "Add an endpoint" }), form));
+    load();
+    return () => { stopped = true; };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // API keys of this tenant (listed by prefix; a new key is shown once)
+  // ---------------------------------------------------------------------------------------
+  function keysView(root) {
+    let stopped = false;
+    const list = h("div", { id: "keys-list" });
+    const shown = h("div", { id: "new-key", class: "flash info", hidden: true });
+    const name = h("input", { id: "key-name", placeholder: "e.g. ci" });
+    const form = h("form", { id: "key-form", class: "row" }, h("label", {}, "Name ", name),
+                   h("button", { type: "submit", id: "key-create", text: "Create key" }));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const k = await api("/v1/api_keys", { method: "POST", body: name.value.trim() ? { name: name.value.trim() } : {} });
+        shown.hidden = false;
+        shown.replaceChildren(h("div", { text: "New key; shown only now, copy it:" }), h("code", { id: "new-key-value", text: k.key }));
+        name.value = "";
+        load();
+      } catch (e) { flash("Could not create a key: " + e.message); }
+    });
+    async function revoke(k) {
+      const own = apiKey().startsWith(k.prefix);
+      if (!confirm(own ? `Revoke ${k.prefix}…? It looks like the key this page uses.` : `Revoke ${k.prefix}…?`)) return;
+      try { await api(`/v1/api_keys/${encodeURIComponent(k.id)}`, { method: "DELETE" }); load(); }
+      catch (e) { flash("Revoke failed: " + e.message); }
+    }
+    async function load() {
+      try {
+        const keys = listOf(await api("/v1/api_keys"));
+        if (stopped) return;
+        list.replaceChildren(h("table", { class: "grid", id: "keys-table" },
+          h("thead", {}, h("tr", {}, ["Prefix", "Name", "Created", "Revoked", ""].map((t) => h("th", { text: t })))),
+          h("tbody", {}, keys.map((k) => h("tr", { "data-key": k.id, class: k.revoked_at ? "muted" : "" },
+            h("td", {}, h("code", { text: k.prefix + "…" }),
+              apiKey().startsWith(k.prefix) ? h("span", { class: "muted", text: " (this page)" }) : null),
+            h("td", { text: k.name || "—" }), h("td", { class: "nowrap", text: fmtTime(k.created_at) }),
+            h("td", { class: "nowrap", text: k.revoked_at ? fmtTime(k.revoked_at) : "—" }),
+            h("td", {}, k.revoked_at ? null : h("button", { type: "button", class: "link danger-text", text: "revoke",
+                                                            onclick: () => revoke(k) })))))));
+      } catch (e) { if (!stopped) flash("Could not load keys: " + e.message); }
+    }
+    root.append(h("div", { class: "page-head" }, h("h1", { text: "API keys" })), shown,
+                h("section", { class: "card" }, list), h("section", { class: "card" }, form));
     load();
     return () => { stopped = true; };
   }
