@@ -14,7 +14,6 @@ class EvalProgress:
 
     def __init__(self, progress, last: JobProgress, trained_tokens: int, estimate_s: float, total: int):
         self.progress, self.trained_tokens = progress, trained_tokens
-        self.estimate_s, self.total = estimate_s, total
         self.current = last.model_copy(update={"phase": "evaluating", "eval_done": 0, "eval_total": total or None,
                                                "eta_seconds": round(estimate_s, 1)})
         self.t0: float | None = None
