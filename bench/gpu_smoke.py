@@ -73,11 +73,11 @@ def main():
     wall = time.perf_counter() - t
     steps = timer.points
     step_times = [b["t"] - a["t"] for a, b in zip(steps, steps[1:])]
-    rec("training", {"steps": outcome.steps, "wall_s": round(wall, 1),
+    rec("training", {"steps": outcome.report.steps, "wall_s": round(wall, 1),
                      "median_step_s": round(sorted(step_times)[len(step_times) // 2], 3) if step_times else None,
                      "first_loss": steps[0]["loss"] if steps else None, "last_loss": steps[-1]["loss"] if steps else None,
                      "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                     "plan": outcome.result.get("plan"), "trained_tokens": outcome.trained_tokens,
+                     "plan": outcome.report.memory_plan, "trained_tokens": outcome.report.trained_tokens,
                      "adapter_files": sorted(p.name for p in outcome.adapter_dir.iterdir())})
     import gc
     gc.collect(); torch.cuda.empty_cache()
@@ -89,7 +89,7 @@ def main():
     from service.inference.engine import InferenceEngine
 
     registry = AdapterRegistry(work / "adapters")
-    manifest = registry.publish(tenant="bench", name="smoke", source_dir=outcome.adapter_dir, manifest=outcome.manifest)
+    manifest = registry.publish(tenant="bench", name="smoke", source_dir=outcome.adapter_dir, manifest=outcome.adapter.manifest_fields(outcome.report))
     settings = Settings(data_dir=work / "data", base_model=base, device="cuda", max_batch_size=8, max_seq_len=512)
 
     async def chat():

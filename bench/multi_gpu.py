@@ -74,14 +74,14 @@ def train(base: str, convs: list, work: Path, n_gpus: int, device: str, args) ->
     # Throughput as the training loop measures it per logging step (rank 0's clock; the
     # 2-GPU run's points reach us in batches, so our own timestamps would mean nothing).
     label_tps = [p["label_tokens_per_s"] for p in pts if p["step"] > args.warmup and p["label_tokens_per_s"]]
-    return {"n_gpus": n_gpus, "steps": out.steps, "wall_s": round(wall, 1),
+    return {"n_gpus": n_gpus, "steps": out.report.steps, "wall_s": round(wall, 1),
             "median_label_tokens_per_s": round(statistics.median(label_tps), 1) if label_tps else None,
             "label_tokens_per_s": label_tps,
             "losses": [round(p["loss"], 5) for p in pts],
             "plan_events": [m for m in rec_.events if "plan" in m.lower() or "launch" in m.lower()],
-            "trained_tokens": out.trained_tokens,
+            "trained_tokens": out.report.trained_tokens,
             # rank 0's own figures: label tok/s over the run, peak GPU memory (per rank)
-            "throughput": (out.result.get("training") or {}).get("throughput"),
+            "throughput": out.report.throughput,
             "adapter_files": sorted(p.name for p in Path(out.adapter_dir).iterdir())}
 
 

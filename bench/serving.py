@@ -247,10 +247,19 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
 
     # 3) hot-load: idle, then while the batch decodes
     rec(f"{prefix}hot_load_idle", await hot_loads(engine, hot))
+    engine.step_times.reset()
     busy = asyncio.create_task(concurrent(engine, small, args.streams, args.tokens, prompt))
     await asyncio.sleep(0.5)
     rec(f"{prefix}hot_load_while_decoding", await hot_loads(engine, hot_busy))
     rec(f"{prefix}concurrent_during_hot_loads", await busy)
+    # Decode-step times in that window: plain steps vs steps beside an upload (or a prefill).
+    steps = engine.stats()["step_ms"]
+    plain = steps.get("plain", {}).get("p50")
+    if plain:
+        for kind in ("upload", "prefill"):
+            if kind in steps:
+                steps[kind]["max_over_plain_p50"] = round(steps[kind]["max"] / plain, 2)
+    rec(f"{prefix}step_ms_during_hot_loads", steps)
 
     # 4) cold adapter: time to first token (load + prefill + first step)
     rec(f"{prefix}cold_adapter_ttft", await cold_ttft(engine, cold, prompt))

@@ -32,7 +32,7 @@ from rich.panel import Panel
 
 from service.cli_client import API_KEY_FILE
 from service.core import identity
-from service.core.config import CHATGLM3_HUB_ID, Settings
+from service.core.config import Settings
 
 DEMO_BANNER = ("SMOKE-TEST DEMO MODEL: tiny random weights, answers are gibberish; "
                "set TUNESERVE_BASE_MODEL for a real model")
@@ -60,12 +60,15 @@ def cuda_available() -> bool:
 
 
 def choose_base_model(settings: Settings, *, has_cuda: bool | None = None) -> BaseModelChoice:
-    """DESIGN.md's rule. Builds the demo model (once) when it is the choice."""
+    """DESIGN.md's rule (service.core.identity.chosen_ref, as the engine applies it), with the
+    reason to say. Builds the demo model (once) when it is the choice."""
     if settings.base_model:
-        return BaseModelChoice(settings.base_model, "TUNESERVE_BASE_MODEL")
-    if has_cuda if has_cuda is not None else cuda_available():
-        return BaseModelChoice(CHATGLM3_HUB_ID, "a CUDA GPU is present")
-    demo = identity.demo_dir(settings)
+        return BaseModelChoice(identity.chosen_ref(settings, has_cuda=False), "TUNESERVE_BASE_MODEL")
+    has_cuda = cuda_available() if has_cuda is None else has_cuda
+    ref = identity.chosen_ref(settings, has_cuda=has_cuda)
+    if has_cuda:
+        return BaseModelChoice(ref, "a CUDA GPU is present")
+    demo = Path(ref)
     if not (demo / "config.json").exists():
         from service.models import build_demo_model
         demo = Path(build_demo_model(demo))

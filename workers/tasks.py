@@ -25,7 +25,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task
 
@@ -44,6 +44,9 @@ from service.core.identity import load_ref, public_id
 from service.core.results import discard_results_file, write_results_file
 from service.core.tasks import TRAIN_TASK
 from workers.reaper import owner_alive, worker_identity, worker_lost_error
+
+if TYPE_CHECKING:  # the training core imports torch; the task loads it only to train
+    from workers.training import TrainingOutcome
 
 log = logging.getLogger("tuneserve.worker")
 
@@ -232,30 +235,19 @@ def load_training_data(store, job: Job, settings: Settings) -> tuple[list, list 
     return train, one(job.validation_file, job.validation_dataset, "validation_file")
 
 
-def base_model_ref(job: Job, settings: Settings) -> str:
-    """What to load for this job (service.core.identity's rule)."""
-    return load_ref(job.model, settings)
+def training_run(job: Job, settings: Settings, train: list, validation: list | None):
+    """The training core's input for this job: what to load on this host (identity.load_ref)
+    and the public id the manifest records, never this host's path to it."""
+    from workers.training import TrainingRun
+
+    ref = load_ref(job.model, settings)
+    return TrainingRun(job_id=job.id, tenant=job.tenant, base_model_ref=ref, base_model_id=public_id(ref, settings),
+                       spec=job.spec, train_conversations=train, validation_conversations=validation,
+                       work_dir=settings.jobs_dir / job.id, device=settings.device,
+                       models_cache_dir=settings.models_dir)
 
 
-def _manifest_fields(outcome, job: Job, settings: Settings) -> dict[str, Any]:
-    """What the registry's manifest needs from a TrainingOutcome (plus the job's identity)."""
-    fields = dict(getattr(outcome, "manifest", None) or {})
-    for key in ("base_model", "base_model_fingerprint", "model_family", "target_modules", "r",
-                "lora_alpha", "training", "metrics"):
-        if key not in fields and hasattr(outcome, key):
-            fields[key] = getattr(outcome, key)
-    fields.setdefault("base_model", job.model)
-    # The name clients use for the base, never this host's path to it.
-    fields["base_model"] = public_id(fields["base_model"], settings)
-    fields.setdefault("training", {})
-    fields["training"] = {"spec": job.spec.model_dump(mode="json"),
-                          "trained_tokens": getattr(outcome, "trained_tokens", None), **fields["training"]}
-    fields.setdefault("metrics", getattr(outcome, "metrics", None) or {})
-    fields["job_id"] = job.id
-    return fields
-
-
-def publish_adapter(settings: Settings, job: Job, outcome):
+def publish_adapter(settings: Settings, job: Job, outcome: TrainingOutcome):
     """Publish atomically (registry: tmp dir + fsync + rename). Idempotent per job: a previous
     run of this job that published and died before marking the job succeeded is reused."""
     from service.core.registry import AdapterRegistry
@@ -266,8 +258,8 @@ def publish_adapter(settings: Settings, job: Job, outcome):
         if manifest.job_id == job.id:
             log.info("job %s: adapter %s v%d already published by an earlier run", job.id, name, manifest.version)
             return manifest
-    return registry.publish(tenant=job.tenant, name=name, source_dir=Path(outcome.adapter_dir),
-                            manifest=_manifest_fields(outcome, job, settings))
+    return registry.publish(tenant=job.tenant, name=name, source_dir=outcome.adapter_dir,
+                            manifest=outcome.adapter.manifest_fields(outcome.report))
 
 
 def _remove_unpublished(path: Path | None) -> None:
@@ -303,18 +295,10 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
     try:
         try:
             if train_fn is None:
-                from workers.training import TrainingRun, run_training
-            else:
-                from workers.training import TrainingRun
-                run_training = train_fn
+                from workers.training import run_training as train_fn
             train, validation = load_training_data(store, job, settings)
-            run = TrainingRun(
-                job_id=job.id, tenant=job.tenant, base_model_ref=base_model_ref(job, settings), spec=job.spec,
-                train_conversations=train, validation_conversations=validation,
-                work_dir=work_dir, device=settings.device, models_cache_dir=settings.models_dir,
-            )
-            outcome = run_training(run, progress)
-            adapter_dir = Path(outcome.adapter_dir)
+            outcome = train_fn(training_run(job, settings, train, validation), progress)
+            adapter_dir = outcome.adapter_dir
             if progress.lost:
                 return "lost"  # another run owns the job and its work_dir now: touch nothing
             if progress.should_stop():
@@ -322,11 +306,10 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
             progress.progress(store.get_job(job_id).progress.model_copy(
                 update={"phase": "publishing", "eta_seconds": 0.0}))
             manifest = publish_adapter(settings, job, outcome)
-            if getattr(outcome, "trained_tokens", None) is not None:
-                store.update_progress(job_id, store.get_job(job_id).progress, trained_tokens=outcome.trained_tokens)
+            store.update_progress(job_id, store.get_job(job_id).progress,
+                                  trained_tokens=outcome.report.trained_tokens)
             results_file = write_results_file(store, settings.files_dir, job)
-            result = {**(getattr(outcome, "result", None) or {}),
-                      "metrics": dict(getattr(outcome, "metrics", None) or {}),
+            result = {**outcome.report.job_result(),
                       "adapter": {"name": manifest.name, "version": manifest.version},
                       "result_files": [results_file.id]}
             try:

@@ -281,6 +281,7 @@ def test_export_chatglm3_layout(client, adapter):
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
     cfg = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("adapter_config.json"))))
     assert "query_key_value" in json.dumps(cfg["target_modules"])
+    assert cfg["base_model_name_or_path"] == "chatglm3-tiny"  # the manifest's base, not a fixed hub id
     r = client.get(f"/v1/adapters/{adapter}/export", headers=AUTH_A, params={"format": "chatglm3", "archive": "tar"})
     assert r.status_code == 200
     members = [m.name for m in tarfile.open(fileobj=io.BytesIO(r.content))]
@@ -305,3 +306,40 @@ def test_export_chatglm3_refused_for_another_family(engine_app, client, adapter,
         assert r.status_code == 200
     finally:
         registry.delete("alice", "ft-llama-like")
+
+
+def test_one_registry_read_per_request(engine_app, client, adapter, monkeypatch):
+    """ServingChat looks the adapter's version up once and hands it to the engine, which does
+    not look again (the manifest itself is read only on a cache miss, by the engine's loader)."""
+    registry = engine_app[0].state.tuneserve.registry
+    assert complete(client, adapter).status_code == 200  # resident from here on
+    reads = []
+    for name in ("latest_version", "resolve", "list_versions"):
+        real = getattr(registry, name)
+        monkeypatch.setattr(registry, name, lambda *a, _real=real, _name=name, **k: reads.append(_name) or _real(*a, **k))
+    assert complete(client, adapter).status_code == 200
+    assert reads == ["latest_version"]
+    reads.clear()
+    sse_events(client, adapter)
+    assert reads == ["latest_version"]
+
+
+def test_chat_errors_counted_once(engine_app, base_name):
+    """A refused chat request (here: queue full) counts once in tuneserve_chat_errors, streamed
+    or not, on either chat route."""
+    app, client, _ = engine_app
+    state = app.state.tuneserve
+    engine = state.engine
+    counter = state.metrics.chat_errors.labels("queue_full")
+    saved = engine.settings
+    engine.settings = saved.model_copy(update={"max_queue": 0})
+    try:
+        before = counter._value.get()
+        assert complete(client, base_name).status_code == 429
+        with client.stream("POST", "/v1/chat/completions", headers=AUTH_A,
+                           json={"model": base_name, "messages": MSG, "stream": True}) as r:
+            assert r.status_code == 429
+        assert client.post("/chat", headers=AUTH_A, json={"query": "x"}).status_code == 429
+        assert counter._value.get() == before + 3
+    finally:
+        engine.settings = saved

@@ -2,8 +2,6 @@
 engine and worker (and the manifest, which records the public id, not a host path)."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from service.core.config import CHATGLM3_HUB_ID, DEMO_MODEL_NAME, Settings
 from service.core.domain import BASE_ADAPTER
 from service.core.identity import BaseModelIdentity, chosen_ref, demo_dir, load_ref, public_id
@@ -37,10 +35,20 @@ def test_is_base_accepts_every_spelling_once(tmp_path):
     assert not ident.is_base("ft-ads-123")
 
 
-def test_manifest_records_the_public_id(tmp_path):
-    from workers.tasks import _manifest_fields
 
-    s = Settings(data_dir=tmp_path)
-    job = SimpleNamespace(id="ftjob-1", model=DEMO_MODEL_NAME, spec=SimpleNamespace(model_dump=lambda mode: {}))
-    outcome = SimpleNamespace(manifest={"base_model": str(demo_dir(s))}, trained_tokens=1, metrics={})
-    assert _manifest_fields(outcome, job, s)["base_model"] == DEMO_MODEL_NAME
+def test_one_device_rule():
+    """The engine and the trainer both use device_for (through service.models.resolve_device)."""
+    import pytest
+
+    from service.core.errors import InvalidInput
+    from service.core.identity import device_for
+
+    assert device_for("auto", has_cuda=True) == device_for("", has_cuda=True) == device_for(None, has_cuda=True) == "cuda:0"
+    assert device_for("auto", has_cuda=False) == device_for("cpu", has_cuda=True) == "cpu"
+    assert device_for("cuda", has_cuda=True) == "cuda:0" and device_for("cuda:1", has_cuda=True) == "cuda:1"
+    for bad, has_cuda in (("cuda", False), ("cuda:0", False), ("tpu", True), ("cuda:x", True)):
+        with pytest.raises(InvalidInput) as e:
+            device_for(bad, has_cuda=has_cuda)
+        assert e.value.param == "device"
+    with pytest.raises(InvalidInput, match="CUDA is not available"):
+        device_for("cuda", has_cuda=False)

@@ -82,6 +82,17 @@ def test_max_tokens_and_usage(engine):
     assert res.prompt_tokens > 0 and res.adapter == "__base__"
 
 
+def test_stats_time_the_decode_steps(engine):
+    """A request of 6 tokens: its prefill gives the first, five decode steps the rest; the
+    steps after the first completion are timed (beside the prefill or plain). (Only a lower
+    bound on the count: a request another test left decoding would add its own steps.)"""
+    engine.step_times.reset()
+    run(engine.generate(request(PROMPTS[0], max_tokens=6)))
+    timed = engine.stats()["step_ms"]
+    assert sum(kind["n"] for kind in timed.values()) >= 1
+    assert all(kind["p50"] > 0 and kind["max"] >= kind["p50"] for kind in timed.values())
+
+
 def test_prompt_too_long_is_refused(engine):
     with pytest.raises(InvalidInput) as err:
         run(engine.generate(request("字" * 400)))

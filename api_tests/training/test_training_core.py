@@ -32,11 +32,11 @@ def test_two_real_steps_reduce_loss_on_a_repeated_sample(tmp_path, models_cache)
     assert (out.adapter_dir / "adapter_model.safetensors").is_file()
     cfg = json.loads((out.adapter_dir / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
-    m = out.manifest
+    m = out.adapter.manifest_fields(out.report)
     assert m["model_family"] == "chatglm3" and m["r"] == 8 and m["lora_alpha"] == 32
     assert m["target_modules"] == ["q_proj", "k_proj", "v_proj"] and m["job_id"] == "ftjob-test"
     assert m["base_model_fingerprint"] and m["training"]["memory_plan"]["packing"] is True
-    assert out.trained_tokens == m["training"]["trained_tokens"] > 0
+    assert out.report.trained_tokens == m["training"]["trained_tokens"] > 0
     last = prog.progresses[-1]
     assert last.step == last.total_steps == 3
     assert last.tokens_per_second > 0 and 0 < last.label_tokens_per_second < last.tokens_per_second
@@ -87,7 +87,7 @@ def test_rows_without_labels_are_dropped_with_a_warning(tmp_path, models_cache):
 def test_plain_format_trains(tmp_path, models_cache):
     spec = TrainingSpec(max_steps=1, batch_size=2, train_format="plain", **FAST)
     out = run_training(make_run(tmp_path, models_cache, spec, conversations(4)), RecordingProgress())
-    assert out.steps == 1
+    assert out.report.steps == 1
 
 
 def test_missing_base_model_and_cuda_without_cuda(tmp_path, models_cache):
@@ -119,15 +119,36 @@ def test_validation_loss_quality_table_and_checkpoints(tmp_path, models_cache):
     prog = RecordingProgress()
     out = run_training(make_run(tmp_path, models_cache, spec, conversations(8), short_validation()),
                        prog)
-    q = out.metrics["quality"]
+    q = out.report.metrics["quality"]
     assert q["split"] == "validation" and q["n_samples"] == 3 and len(q["before_after"]) == 3
     row = q["before_after"][0]
     assert set(row) == {"prompt", "reference", "base", "adapter"}
     for side in ("base", "adapter"):
         assert set(q[side]) >= {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
     assert "sentence-level" in q["metric_descriptions"]["bleu-4"]
-    assert out.metrics["eval_loss"] > 0
+    assert out.report.metrics["eval_loss"] > 0
     assert any(d and "eval_loss" in d and d.get("step") == 2 for _, _, d in prog.events)
     cks = list_checkpoints(tmp_path / "job")
     assert [c["step"] for c in cks] == [2]  # the final step is the adapter, not a checkpoint
     assert cks[0]["loss"] > 0 and cks[0]["created_at"]
+
+
+def test_one_cleanup_destroys_the_process_group_once_on_failure(tmp_path, models_cache, monkeypatch):
+    """A data-parallel rank that fails after joining the group (here: its base model is gone)
+    leaves through the recipe's one cleanup, which destroys the group it started, once."""
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    state = {"up": False}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(f"init {backend}") or state.update(up=True))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy") or state.update(up=False))
+    run = make_run(tmp_path, models_cache, TrainingSpec(max_steps=1, batch_size=2, **FAST), conversations(2))
+    run.base_model_ref = str(tmp_path / "no-such-model")
+    with pytest.raises(TrainingError) as e:
+        run_training(run, RecordingProgress())
+    assert e.value.code == "model_not_found"
+    assert calls == ["init gloo", "destroy"]

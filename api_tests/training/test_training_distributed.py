@@ -34,9 +34,9 @@ def test_two_cpu_ranks_train_the_same_adapter_as_one_process(tmp_path, models_ca
                        prog)
     assert any("launching data-parallel training on 2 processes" in m for m in prog.messages())
     assert [p.step for p in prog.progresses] == [1, 2]  # rank 0's progress relayed to the caller
-    assert two.manifest["training"]["throughput"]["world_size"] == 2
-    assert two.trained_tokens == one.trained_tokens
-    for (s1, l1), (s2, l2) in zip(one.manifest["training"]["loss_history"], two.manifest["training"]["loss_history"]):
+    assert two.report.throughput["world_size"] == 2
+    assert two.report.trained_tokens == one.report.trained_tokens
+    for (s1, l1), (s2, l2) in zip(one.report.loss_history, two.report.loss_history):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-5)
     wa = load_file(str(one.adapter_dir / "adapter_model.safetensors"))
     wb = load_file(str(two.adapter_dir / "adapter_model.safetensors"))

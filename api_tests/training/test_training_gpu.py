@@ -20,8 +20,8 @@ def test_tiny_model_trains_on_cuda_in_bf16(tmp_path, models_cache):
     run.device = "cuda"
     prog = RecordingProgress()
     out = run_training(run, prog)
-    assert out.steps == 3 and out.manifest["training"]["throughput"]["device"] == "cuda:0"
-    assert out.manifest["training"]["throughput"]["peak_memory_gib"] > 0
+    assert out.report.steps == 3 and out.report.throughput["device"] == "cuda:0"
+    assert out.report.throughput["peak_memory_gib"] > 0
     from service.models import resolve_base_model
     model = load_trainable(resolve_base_model(run.base_model_ref, models_cache), spec, ["q_proj", "k_proj", "v_proj"],
                            "cuda:0", gradient_checkpointing=False)

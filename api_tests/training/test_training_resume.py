@@ -62,16 +62,16 @@ def test_sigkilled_run_resumes_and_matches_uninterrupted(tmp_path, models_cache)
 
     prog_b = RecordingProgress()
     out_b = run_training(make_run(tmp_path / "b", models_cache, SPEC, train), prog_b)
-    assert out_b.resumed_from_step == 2
+    assert out_b.report.resumed_from_step == 2
     assert any("resuming from checkpoint step 2" in m for m in prog_b.messages())
     # The loss curve continues where the checkpoint left it (steps 3..6 only, same values).
     assert [p.step for p in prog_b.progresses] == [3, 4, 5, 6]
-    hist_a = out_a.manifest["training"]["loss_history"]
-    hist_b = out_b.manifest["training"]["loss_history"]
+    hist_a = out_a.report.loss_history
+    hist_b = out_b.report.loss_history
     assert [s for s, _ in hist_b] == [1, 2, 3, 4, 5, 6]
     for (sa, la), (sb, lb) in zip(hist_a, hist_b):
         assert sa == sb and abs(la - lb) <= 1e-6, (sa, la, lb)
-    assert out_a.trained_tokens == out_b.trained_tokens
+    assert out_a.report.trained_tokens == out_b.report.trained_tokens
 
     wa = load_file(str(out_a.adapter_dir / "adapter_model.safetensors"))
     wb = load_file(str(out_b.adapter_dir / "adapter_model.safetensors"))
@@ -88,7 +88,7 @@ def test_checkpoint_of_other_data_is_not_resumed(tmp_path, models_cache):
     run_training(make_run(tmp_path, models_cache, spec, conversations(4)), RecordingProgress())
     prog = RecordingProgress()
     out = run_training(make_run(tmp_path, models_cache, spec, conversations(4, offset=50)), prog)
-    assert out.resumed_from_step is None
+    assert out.report.resumed_from_step is None
     assert any("ignoring checkpoint" in m for m in prog.messages("warn"))
 
 
@@ -109,5 +109,5 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, models_c
     (root / "step-2" / "optimizer.pt").write_bytes(b"not a torch file")
     prog = RecordingProgress()
     out = run_training(make_run(tmp_path, models_cache, spec.model_copy(update={"max_steps": 3}), train), prog)
-    assert out.resumed_from_step == 1
+    assert out.report.resumed_from_step == 1
     assert any("step-2 cannot be restored" in m for m in prog.messages("warn"))

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from service.core.domain import JobStatus, adapter_name_for_job
+from service.core.config import DEMO_MODEL_NAME
+from service.core.domain import AdapterDraft, JobStatus, TrainingReport, adapter_name_for_job
 from service.core.errors import Cancelled, TrainingError
 from service.core.registry import AdapterRegistry
-from workers.tasks import publish_adapter, run_job
+from service.core.identity import demo_dir
+from workers.tasks import publish_adapter, run_job, training_run
 from worker_harness import TENANT, create_job, tiny_spec, training_file, wait_for
 
 pytestmark = pytest.mark.slow  # imports torch (workers.training) once
@@ -25,13 +27,14 @@ def _fake_adapter(dir_: Path) -> Path:
     return dir_
 
 
-class FakeOutcome:
-    def __init__(self, adapter_dir: Path):
-        self.adapter_dir = adapter_dir
-        self.trained_tokens = 10
-        self.metrics = {"train_loss": 1.0}
-        self.manifest = {"base_model": "tiny", "target_modules": ["q_proj"], "r": 8, "lora_alpha": 16.0}
-        self.result = {"training": {"steps": 1}}
+def FakeOutcome(adapter_dir: Path, job_id: str):  # noqa: N802 (stands in for the training core's outcome)
+    from workers.training import TrainingOutcome
+
+    return TrainingOutcome(
+        adapter_dir=adapter_dir,
+        adapter=AdapterDraft(base_model="tiny", target_modules=["q_proj"], r=8, lora_alpha=16.0, job_id=job_id),
+        report=TrainingReport(spec=tiny_spec(), steps=1, total_steps=1, trained_tokens=10, label_tokens=4,
+                              metrics={"train_loss": 1.0}))
 
 
 def _job(world, store):
@@ -98,7 +101,7 @@ def test_cancel_after_training_before_publish_publishes_nothing(world, store):
     job = _job(world, store)
 
     def train(run, progress):
-        out = FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+        out = FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"), run.job_id)
         store.request_cancel(run.job_id, TENANT)  # arrives after the last should_stop() of training
         return out
 
@@ -111,16 +114,22 @@ def test_cancel_after_training_before_publish_publishes_nothing(world, store):
 def test_success_publishes_once_and_stores_metrics(world, store):
     settings = world.settings()
     job = _job(world, store)
-    train = lambda run, progress: FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))  # noqa: E731
+    train = lambda run, progress: FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"), run.job_id)  # noqa: E731
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
     done = store.get_job(job.id)
     name = adapter_name_for_job(job.id, None)
     assert done.fine_tuned_model == name and done.trained_tokens == 10
-    assert done.result["metrics"] == {"train_loss": 1.0} and done.result["training"] == {"steps": 1}
+    # The report, as is: the job's result and the manifest are views of it.
+    report = FakeOutcome(Path("."), job.id).report
+    assert done.result["metrics"] == {"train_loss": 1.0} and done.result["training"] == report.training()
+    assert done.result["training"]["steps"] == 1
     assert done.result["adapter"] == {"name": name, "version": 1}
     assert done.progress.phase == "publishing" and done.progress.eta_seconds == 0  # the last phase it was in
+    _, manifest = AdapterRegistry(settings.resolved_registry_dir).resolve(TENANT, name)
+    assert manifest.training == report.manifest_training() and manifest.metrics == {"train_loss": 1.0}
+    assert manifest.job_id == job.id and manifest.base_model == "tiny"
     # A redelivery of a job that published but died before `succeeded`: no second version.
-    again = publish_adapter(settings, done, FakeOutcome(_fake_adapter(world.data_dir / "other")))
+    again = publish_adapter(settings, done, FakeOutcome(_fake_adapter(world.data_dir / "other"), done.id))
     assert again.version == 1
     assert [m.version for m in AdapterRegistry(settings.resolved_registry_dir).list_versions(TENANT, name)] == [1]
 
@@ -159,7 +168,7 @@ def test_heartbeat_refreshes_while_training(world, store):
         later = wait_for(lambda: (hb := store.get_job(run.job_id).heartbeat_at) > first and hb, 60,
                          "a heartbeat while training")
         seen.append((first, later))
-        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"), run.job_id)
 
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
     first, later = seen[0]
@@ -174,7 +183,7 @@ def test_success_attaches_the_metrics_csv_as_a_result_file(world, store):
         for step, loss in ((1, 2.5), (2, 2.0)):
             progress.event(f"step {step}", data={"step": step, "loss": loss, "total_steps": 2})
         progress.event("step 2: validation loss 1.7500", data={"step": 2, "eval_loss": 1.75})
-        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"))
+        return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"), run.job_id)
 
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
     (file_id,) = store.get_job(job.id).result["result_files"]
@@ -207,3 +216,12 @@ def test_dataset_swapped_after_creation_is_refused_by_the_worker(world, store, t
     done = store.get_job(job.id)
     assert done.error.code == "invalid_data" and done.error.param == "training_dataset.path", done.error
     assert "outside" in done.error.message and "SECRET_TOKEN" not in done.error.message
+
+
+def test_the_manifest_records_the_public_id(world, store):
+    """The training run loads this host's demo dir but records its public id."""
+    settings = world.settings(base_model="")
+    job = store.create_job(tenant=TENANT, model=DEMO_MODEL_NAME, spec=tiny_spec(),
+                           training_file=training_file(store, world.data_dir, 2))
+    run = training_run(job, settings, [], None)
+    assert run.base_model_ref == str(demo_dir(settings)) and run.base_model_id == DEMO_MODEL_NAME

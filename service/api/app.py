@@ -40,11 +40,15 @@ _PLACEHOLDER = """<!doctype html><html><head><meta charset="utf-8"><title>tunese
 <body><h1>tuneserve</h1><p>The dashboard is not installed. API: <a href="/docs">/docs</a></p></body></html>"""
 
 
+def base_model_identity(settings: Settings, engine: Any | None) -> BaseModelIdentity:
+    """The engine's identity when it runs, else the same rule applied to TUNESERVE_BASE_MODEL
+    (an empty one meaning the demo model, as on a CPU host)."""
+    return engine.identity if engine is not None else BaseModelIdentity.of(settings.base_model, settings)
+
+
 def base_model_names(settings: Settings, engine: Any | None) -> tuple[str, frozenset[str]]:
-    """(the name the service reports, other names clients may use for it): the engine's
-    identity when it runs, else the same rule applied to TUNESERVE_BASE_MODEL (an empty one
-    meaning the demo model, as on a CPU host)."""
-    identity = getattr(engine, "identity", None) or BaseModelIdentity.of(settings.base_model, settings)
+    """(the name the service reports, other names clients may use for it)."""
+    identity = base_model_identity(settings, engine)
     return identity.public_id, identity.aliases
 
 
@@ -88,9 +92,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 except Exception:  # pragma: no cover
                     pass
                 engine = None
-        primary, aliases = base_model_names(settings, engine)
+        identity = base_model_identity(settings, engine)
         state = AppState(settings=settings, store=store, registry=registry, queue=queue, metrics=metrics,
-                         base_model_name=primary, base_model_aliases=aliases, engine=engine,
+                         base_model=identity, engine=engine,
                          engine_error=engine_error, extra={"started_at": int(time.time())})
         metrics.attach(state)
         if settings.api_reaper:
@@ -104,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             webhook_thread = WebhookThread(settings)
             webhook_thread.start()
         app.state.tuneserve = state
-        log.info("tuneserve API ready: base model %s, engine %s", primary,
+        log.info("tuneserve API ready: base model %s, engine %s", identity.public_id,
                  "on" if engine else ("failed" if engine_error else "disabled"))
         yield
     finally:

@@ -13,6 +13,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.core.config import Settings
 from service.core.errors import InvalidInput, ServiceUnavailable, Unauthorized
+from service.core.identity import BaseModelIdentity
 
 from service.api.queue import JobQueue
 from service.core.registry import AdapterRegistry
@@ -20,6 +21,7 @@ from service.core.store import Store
 
 if TYPE_CHECKING:  # types only: the engine module pulls in torch, the API's job routes must not
     from service.api.metrics import ApiMetrics
+    from service.api.serving_chat import ServingChat
     from service.inference.engine import InferenceEngine
 
 
@@ -31,14 +33,18 @@ class AppState:
     registry: AdapterRegistry
     queue: JobQueue
     metrics: "ApiMetrics"
-    base_model_name: str
-    base_model_aliases: frozenset[str] = frozenset()
+    base_model: BaseModelIdentity  # the engine's when it runs (app.base_model_identity)
     engine: "InferenceEngine | None" = None
     engine_error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def base_model_name(self) -> str:
+        return self.base_model.public_id
+
     def is_base_model(self, name: str | None) -> bool:
-        return bool(name) and (name == self.base_model_name or name in self.base_model_aliases)
+        """Is `name` one of the base model's names? (Not the empty/sentinel "no model".)"""
+        return bool(name) and name in self.base_model.names
 
     def delete_adapter(self, tenant: str, name: str, version: int | None = None) -> None:
         """Delete from the registry (the truth; NotFound/InvalidInput raise), then free the
@@ -82,6 +88,12 @@ async def get_engine(state: StateDep) -> "InferenceEngine":
         why = f": {state.engine_error}" if state.engine_error else " (engine disabled by settings)"
         raise ServiceUnavailable(f"chat is unavailable{why}", code="engine_unavailable")
     return state.engine
+
+
+async def get_chat(state: StateDep, engine: Annotated[Any, Depends(get_engine)]) -> "ServingChat":
+    from service.api.serving_chat import ServingChat
+
+    return ServingChat(state, engine)
 
 
 # Declares the scheme in the OpenAPI spec only; the header is parsed strictly below.
@@ -129,3 +141,4 @@ QueueDep = Annotated[JobQueue, Depends(get_queue)]
 # Typed Any so that importing deps never imports the engine (torch).
 EngineDep = Annotated[Any, Depends(get_engine)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+ChatDep = Annotated[Any, Depends(get_chat)]

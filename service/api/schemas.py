@@ -9,7 +9,7 @@ import math
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer
 
 from service.core.domain import (
     BASE_LEARNING_RATE,
@@ -19,6 +19,7 @@ from service.core.domain import (
     DatasetSource,
     DeliveryStatus,
     FileInfo,
+    GenerationResult,
     Job,
     JobError,
     JobEvent,
@@ -549,6 +550,84 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+    @classmethod
+    def from_domain(cls, r: GenerationResult) -> "Usage":
+        return cls.of(r.prompt_tokens, r.completion_tokens)
+
+
+def finish_reason(reason: str | None) -> Literal["stop", "length"] | None:
+    """OpenAI knows stop/length; a cancelled or timed-out generation ends as "stop" on the wire."""
+    if reason is None:
+        return None
+    return "length" if reason == "length" else "stop"
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    """OpenAI's chat.completion, built from the engine's GenerationResult."""
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+    @classmethod
+    def from_domain(cls, result: GenerationResult, *, id: str, created: int, model: str) -> "ChatCompletion":
+        return cls(id=id, created=created, model=model, usage=Usage.from_domain(result),
+                   choices=[ChatChoice(message=AssistantMessage(content=result.text),
+                                       finish_reason=finish_reason(result.finish_reason))])
+
+
+class ChatDelta(BaseModel):
+    """A chunk's delta: only the keys that changed (role once, then content; {} at the end)."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """OpenAI's chat.completion.chunk (one SSE event). `usage` only on the usage chunk."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: None = None
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+    def sse(self) -> str:
+        body = self.model_dump_json(exclude={"usage"} if self.usage is None else None)
+        return f"data: {body}\n\n"
 
 
 class SimpleChatCreate(BaseModel):

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = 300.0
     adapter_gpu_budget_bytes: int = 512 * 1024 * 1024
     adapter_cpu_cache_size: int = 64
+    # Registry reads (read + sha256 + parse) in parallel: cold requests for N adapters wait for
+    # ceil(N / threads) loads in a row (8 cold adapters at 2 threads: 4 loads, max TTFT 251 ms
+    # on an H200 in bench/results/h200-2026-12-02-mma/serving.json).
+    adapter_loader_threads: int = Field(default=8, ge=1, le=64)
     preload_adapters: Annotated[list[str], NoDecode] = Field(default_factory=list)  # "tenant/name": loaded at start, pinned
     # Decode-step speed on CUDA (ignored on CPU): replay each step shape as a CUDA graph;
     # optionally torch.compile the step first.

@@ -235,18 +235,57 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "observation"})
 # ---------------------------------------------------------------------------------------
 # Adapters
 # ---------------------------------------------------------------------------------------
-class AdapterManifest(BaseModel):
-    """manifest.json beside adapter_config.json + adapter_model.safetensors."""
-    tenant: str
-    name: str
-    version: int
-    base_model: str
+class AdapterDraft(BaseModel):
+    """What a training run decides about the adapter it made: the manifest less what the
+    registry adds when it publishes (tenant, name, version, files, created_at) and less the
+    run's record (a TrainingReport)."""
+    base_model: str  # the base's public id (service.core.identity), never a host path
     base_model_fingerprint: str | None = None  # e.g. hash of config.json, to refuse mismatches
     model_family: str | None = None
     target_modules: list[str]
     r: int
     lora_alpha: float
     job_id: str | None = None
+
+    def manifest_fields(self, report: "TrainingReport") -> dict[str, Any]:
+        """What AdapterRegistry.publish(manifest=...) takes: this draft plus the report."""
+        return {**self.model_dump(mode="json"), "training": report.manifest_training(), "metrics": report.metrics}
+
+
+class TrainingReport(BaseModel):
+    """One training run's record. The manifest's `training`/`metrics` and the job's `result`
+    are views of it (manifest_training, job_result), never separately kept copies."""
+    spec: TrainingSpec
+    steps: int
+    total_steps: int
+    trained_tokens: int            # real tokens the model saw (padding excluded), all ranks
+    label_tokens: int
+    resumed_from_step: int | None = None
+    data: dict[str, Any] = Field(default_factory=dict)         # rows/tokens/length statistics
+    data_fingerprint: str | None = None
+    memory_plan: dict[str, Any] = Field(default_factory=dict)
+    throughput: dict[str, Any] = Field(default_factory=dict)   # train seconds, tok/s, peak memory, device
+    loss_history: list[list[int | float]] = Field(default_factory=list)  # [step, loss], downsampled
+    eval_history: list[list[int | float]] = Field(default_factory=list)  # [step, eval_loss]
+    wall_seconds: float | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)      # train/eval loss, BLEU/ROUGE before/after
+
+    def training(self) -> dict[str, Any]:
+        """The run's record without the spec (the job shows its spec as hyperparameters)."""
+        return self.model_dump(mode="json", exclude={"spec", "metrics"})
+
+    def manifest_training(self) -> dict[str, Any]:
+        return {"spec": self.spec.model_dump(mode="json"), **self.training()}
+
+    def job_result(self) -> dict[str, Any]:
+        return {"training": self.training(), "metrics": self.metrics}
+
+
+class AdapterManifest(AdapterDraft):
+    """manifest.json beside adapter_config.json + adapter_model.safetensors."""
+    tenant: str
+    name: str
+    version: int
     created_at: datetime
     files: dict[str, str] = Field(default_factory=dict)  # filename -> sha256
     training: dict[str, Any] = Field(default_factory=dict)  # spec, data, steps
@@ -456,6 +495,9 @@ class SamplingParams(BaseModel):
 class GenerationRequest(BaseModel):
     tenant: str
     adapter: str = BASE_ADAPTER  # adapter name in the tenant's registry, or BASE_ADAPTER
+    # The version the caller already looked up (so a request reads the registry once); None:
+    # the engine looks up the latest itself.
+    adapter_version: int | None = None
     messages: list[ChatMessage]
     params: SamplingParams = Field(default_factory=SamplingParams)
     request_id: str | None = None

@@ -39,7 +39,8 @@ def export_adapter(adapter_dir: Path, manifest: AdapterManifest, fmt: str, out_d
         except ImportError as exc:
             raise ServiceUnavailable("chatglm3 export is not available on this server; use format=peft",
                                      param="format", code="export_unavailable") from exc
-        return export_adapter_chatglm3(adapter_dir, out_dir)
+        # The base by the public id the manifest records (service.core.identity), not a fixed hub id.
+        return export_adapter_chatglm3(adapter_dir, out_dir, base_model_name_or_path=manifest.base_model)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in adapter_dir.iterdir():
         if f.is_file():

@@ -130,9 +130,12 @@ class AdapterCache:
     # ------------------------------------------------------------------------------
     # front end
     # ------------------------------------------------------------------------------
-    async def acquire(self, tenant: str, name: str, deadline: float) -> AdapterLease:
+    async def acquire(self, tenant: str, name: str, deadline: float, version: int | None = None) -> AdapterLease:
+        """A lease on `version` (the caller's lookup) or the latest one; a retry after an
+        eviction race looks the latest up again."""
         for attempt in range(4):
-            version = await asyncio.to_thread(self._latest_version, tenant, name)
+            if version is None or attempt:
+                version = await asyncio.to_thread(self._latest_version, tenant, name)
             key = (tenant, name, version)
             with self._lock:
                 entry = self._gpu.get(key)

@@ -78,17 +78,6 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    device = (device or "auto").strip()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ServiceUnavailable(f"device {device!r} requested but CUDA is not available")
-    return device
-
-
 class InferenceEngine:
     # Padded prompt tokens one prefill batch may hold (bounds the pause a join causes).
     prefill_tokens_per_batch = 4096
@@ -131,6 +120,7 @@ class InferenceEngine:
         self._inflight: _Step | None = None  # launched decode step whose ids are not read yet
         self._step_no = 0
         self.counters = collections.Counter()
+        self.step_times = StepTimes()
 
     def _load_ref(self) -> str:
         """The identity's ref; the demo model is built on first use (as the launcher does)."""
@@ -164,16 +154,21 @@ class InferenceEngine:
     def _setup(self) -> None:
         from service import models
 
-        self.device = _resolve_device(self._device_pref)
         settings = self.settings
-        path = Path(models.resolve_base_model(self._load_ref(), settings.models_dir))
+        try:  # the trainer's resolution (device rule, targets, fingerprint): what it trains, this serves
+            self.identity = models.resolve_identity(self.identity.with_files(ref=self._load_ref()),
+                                                    settings.models_dir, device=self._device_pref)
+        except InvalidInput as exc:
+            if exc.param != "device":
+                raise
+            raise ServiceUnavailable(exc.message) from exc
+        self.device = self.identity.device
+        path = Path(self.identity.path)
         self.model_path = path
         self.tokenizer = models.load_tokenizer(path)
         model = models.load_model(path, quantize_4bit=settings.load_in_4bit, device=self.device)
-        # The trainer's rules (targets, fingerprint), so what it trains is what this serves.
         self._setup_with(model, self.tokenizer, path, stop_ids=models.stop_token_ids(self.tokenizer),
-                         default_targets=models.default_lora_targets(models.model_family(path), model),
-                         fingerprint=models.base_model_fingerprint(path))
+                         default_targets=list(self.identity.default_targets), fingerprint=self.identity.fingerprint)
 
     def _setup_with(self, model, tokenizer, path: Path, *, stop_ids, default_targets,
                     fingerprint: str | None) -> None:
@@ -185,7 +180,8 @@ class InferenceEngine:
 
         settings = self.settings
         self.device = self.device or str(next(model.parameters()).device)
-        self.max_seq_len = min(settings.max_seq_len, position_limit(model.config) or settings.max_seq_len)
+        limit = self.identity.position_limit if self.identity.resolved else position_limit(model.config)
+        self.max_seq_len = min(settings.max_seq_len, limit or settings.max_seq_len)
         self.tokenizer = tokenizer
         self.model_path = Path(path)
         from service.models.chatglm3 import is_chatglm3_tokenizer
@@ -211,7 +207,7 @@ class InferenceEngine:
             self.registry, identity, shapes=runner.shapes, pool_dtype=runner.dtype,
             capacity_columns=runner.capacity, bytes_per_column=runner.bytes_per_column,
             cpu_capacity=settings.adapter_cpu_cache_size, wake=self._wake.set,
-            pin_memory=runner.device.type == "cuda")
+            pin_memory=runner.device.type == "cuda", loader_threads=settings.adapter_loader_threads)
         log.info("inference engine: base %s on %s, %d slots x %d tokens, LoRA on %s "
                  "(%d rank columns = %d bytes)", self.base_model_name, self.device,
                  settings.max_batch_size, self.max_seq_len, sorted(served), runner.capacity,
@@ -281,7 +277,7 @@ class InferenceEngine:
             deadline = time.monotonic() + max(0.0, timeout)
             adapter = BASE_ADAPTER if self._is_base(req.adapter) else req.adapter
             if adapter != BASE_ADAPTER:
-                lease = await self._cache.acquire(req.tenant, adapter, deadline)
+                lease = await self._cache.acquire(req.tenant, adapter, deadline, req.adapter_version)
             r = _Request(
                 id=req.request_id or f"gen-{uuid.uuid4().hex[:16]}", tenant=req.tenant, adapter=adapter,
                 adapter_version=lease.entry.version if lease else None, lease=lease,
@@ -352,12 +348,16 @@ class InferenceEngine:
                     self._wake.clear()
                     while self._inbox:
                         self._waiting.append(self._inbox.popleft())
+                    uploads, prefills = self._cache.counters["uploads"], self.counters["prefill_batches"]
                     self._cache.service_uploads(self._runner)
                     self._reap(time.monotonic())
                     self._admit()
                     launched = self._launch() if self._running else None
                     if self._inflight is not None:
                         self._complete(self._inflight)
+                    self.step_times.mark(completed=self._inflight is not None, continuing=launched is not None,
+                                         uploaded=self._cache.counters["uploads"] != uploads,
+                                         prefilled=self.counters["prefill_batches"] != prefills)
                     self._inflight = launched
                     self._flush()
                     if not self._running and self._inflight is None:
@@ -589,6 +589,45 @@ class InferenceEngine:
             out["memory"] = runner.memory()
         if self._cache is not None:
             out["adapters"] = self._cache.stats()
+        out["step_ms"] = self.step_times.summary()
+        return out
+
+
+class StepTimes:
+    """Wall time between consecutive decode-step completions while decoding continues (the
+    loop keeps one step in flight, so this is a step's time as the GPU runs it plus whatever
+    the loop did between steps), kept apart by what else that iteration did: nothing, an
+    adapter upload into the GPU pool, or a prefill. Shows whether uploads stall decoding.
+    Work enqueued in one iteration runs on the GPU before the step launched after it, so it
+    lands in this interval or the next: both are labelled with it."""
+
+    def __init__(self, keep: int = 4096):
+        self._times: dict[str, collections.deque] = {
+            kind: collections.deque(maxlen=keep) for kind in ("plain", "upload", "prefill")}
+        self._last: float | None = None
+        self._before = (False, False)  # (uploaded, prefilled) in the previous iteration
+
+    def mark(self, *, completed: bool, continuing: bool, uploaded: bool, prefilled: bool) -> None:
+        now = time.perf_counter()
+        if completed and self._last is not None:
+            kind = ("prefill" if prefilled or self._before[1] else
+                    "upload" if uploaded or self._before[0] else "plain")
+            self._times[kind].append(now - self._last)
+        self._last = now if completed and continuing else None
+        self._before = (uploaded, prefilled)
+
+    def reset(self) -> None:
+        for times in self._times.values():
+            times.clear()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind, times in self._times.items():
+            ordered = sorted(times)
+            if ordered:
+                out[kind] = {"n": len(ordered), "p50": round(ordered[len(ordered) // 2] * 1e3, 3),
+                             "p99": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3, 3),
+                             "max": round(ordered[-1] * 1e3, 3)}
         return out
 
 

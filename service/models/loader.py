@@ -13,12 +13,14 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from service.core.errors import InvalidInput
+from service.core.identity import device_for
 from service.models import chatglm3
 from service.models.chatglm3 import SOURCE_MARKER_KEY
 
@@ -79,18 +81,40 @@ def model_family(path_or_config: Any) -> str:
     return str(cfg.get("model_type") or "unknown")
 
 
-def default_lora_targets(family: str, model: torch.nn.Module | None = None) -> list[str]:
-    """Family default; for an unknown family the first attention-input naming the model has
-    (q/k/v_proj, qkv_proj, query_key_value, c_attn, ...), else q/k/v_proj."""
+def default_lora_targets(family: str, model: torch.nn.Module | None = None, *,
+                         weight_names: Iterable[str] | None = None) -> list[str]:
+    """Family default; for an unknown family the first attention-input naming the model (or
+    its checkpoint's `<module>.weight` names) has (q/k/v_proj, qkv_proj, query_key_value,
+    c_attn, ...), else q/k/v_proj."""
     if family in DEFAULT_LORA_TARGETS:
         return list(DEFAULT_LORA_TARGETS[family])
+    leaves: set[str] = set()
     if model is not None:
         leaves = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
                   if isinstance(mod, torch.nn.Linear) or "Linear" in type(mod).__name__}
-        for names in _ATTENTION_INPUT_NAMES:
-            if all(n in leaves for n in names):
-                return list(names)
+    elif weight_names is not None:
+        leaves = {n[: -len(".weight")].rsplit(".", 1)[-1] for n in weight_names if n.endswith(".weight")}
+    for names in _ATTENTION_INPUT_NAMES:
+        if all(n in leaves for n in names):
+            return list(names)
     return list(_QKV)
+
+
+def checkpoint_weight_names(path: Path | str) -> list[str]:
+    """Tensor names of a local safetensors checkpoint, from the file headers only (no weights
+    read); [] for a hub id or another format."""
+    p = Path(str(path))
+    names: list[str] = []
+    if not p.is_dir():
+        return names
+    for f in sorted(p.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 1 << 27:  # not a safetensors header
+                continue
+            header = json.loads(fh.read(size))
+        names.extend(k for k in header if k != "__metadata__")
+    return names
 
 
 # --------------------------------------------------------------------------------------
@@ -231,10 +255,9 @@ def _refuse_raw_chatglm(path: Any) -> None:
                            param="base_model")
 
 
-def _device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+def resolve_device(device: str | None) -> str:
+    """service.core.identity.device_for on this host (InvalidInput param "device")."""
+    return device_for(device, has_cuda=torch.cuda.is_available())
 
 
 def load_tokenizer(path: Path | str):
@@ -254,7 +277,7 @@ def load_model(path: Path | str, *, quantize_4bit: bool, device: str = "cpu",
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     _refuse_raw_chatglm(path)
-    device = _device(device)
+    device = resolve_device(device)
     dtype = compute_dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": device},
                               "trust_remote_code": bool(trust_remote_code)}

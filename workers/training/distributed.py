@@ -71,7 +71,8 @@ def write_launch_files(run, launch_dir: Path) -> Path:
     cfg = {"job_id": run.job_id, "tenant": run.tenant, "base_model_ref": run.base_model_ref,
            "spec": run.spec.model_dump(mode="json"), "train": str(train), "validation": str(val) if val else None,
            "work_dir": str(run.work_dir), "device": run.device, "models_cache_dir": str(run.models_cache_dir),
-           "memory_budget_bytes": run.memory_budget_bytes, "keep_checkpoints": run.keep_checkpoints}
+           "memory_budget_bytes": run.memory_budget_bytes, "keep_checkpoints": run.keep_checkpoints,
+           "base_model_id": run.base_model_id}
     path = launch_dir / "run.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -126,10 +127,7 @@ def run_training_distributed(run, progress, *, poll_s: float = 0.5):
         if "out of memory" in tail.lower():
             raise TrainingError(f"out of memory in a data-parallel rank: {tail[-500:]}", code="out_of_memory")
         raise TrainingError(f"data-parallel training exited with {proc.returncode}: {tail}", code="internal")
-    o = json.loads(outcome.read_text())
-    return TrainingOutcome(adapter_dir=Path(o["adapter_dir"]), trained_tokens=o["trained_tokens"], steps=o["steps"],
-                           metrics=o["metrics"], manifest=o["manifest"], result=o["result"],
-                           resumed_from_step=o["resumed_from_step"])
+    return TrainingOutcome.from_json(outcome.read_text(encoding="utf-8"))
 
 
 def _relay(events: Path, offset: int, progress) -> int:
@@ -185,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                       if cfg["validation"] else None,
                       work_dir=Path(cfg["work_dir"]), device=cfg["device"],
                       models_cache_dir=Path(cfg["models_cache_dir"]),
-                      memory_budget_bytes=cfg["memory_budget_bytes"], keep_checkpoints=cfg["keep_checkpoints"])
+                      memory_budget_bytes=cfg["memory_budget_bytes"], keep_checkpoints=cfg["keep_checkpoints"],
+                      base_model_id=cfg["base_model_id"])
     try:
         out = run_training(run, FileProgress(launch_dir, main=rank == 0))
     except (TrainingError, Cancelled) as exc:
@@ -193,12 +192,9 @@ def main(argv: list[str] | None = None) -> int:
             (launch_dir / "error.json").write_text(json.dumps(
                 {"type": type(exc).__name__, "code": exc.code, "message": exc.message, "param": exc.param}))
         return 1
-    if rank == 0:
+    if out is not None:  # rank 0
         tmp = launch_dir / "outcome.json.tmp"
-        tmp.write_text(json.dumps({"adapter_dir": str(out.adapter_dir), "trained_tokens": out.trained_tokens,
-                                   "steps": out.steps, "metrics": out.metrics, "manifest": out.manifest,
-                                   "result": out.result, "resumed_from_step": out.resumed_from_step},
-                                  ensure_ascii=False, default=str))
+        tmp.write_text(out.to_json(), encoding="utf-8")
         os.replace(tmp, launch_dir / "outcome.json")
     return 0
 

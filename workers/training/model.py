@@ -15,21 +15,6 @@ from workers.training.packing import MicroBatch
 from workers.training.plan import CE_CHUNK
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda when present, else cpu. An explicit cuda request without CUDA fails
-    loudly: a GPU job silently training on CPU would take days and look like a hang."""
-    if device in ("", "auto"):
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {device!r} requested but CUDA is not available "
-                                f"(torch {torch.__version__})", code="internal", param="device")
-        return device if ":" in device else "cuda:0"
-    if device != "cpu":
-        raise TrainingError(f"unknown device {device!r}", code="internal", param="device")
-    return device
-
-
 def compute_dtype(device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 

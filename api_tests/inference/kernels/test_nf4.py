@@ -70,8 +70,6 @@ CASES = [  # (rows, out N, in K, nested, dtype, blocksize, bias)
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
-                         f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
 def case_operands(case):
     """(weight, its kernel operands, x, bias) of one CASES row, seeded by its shape."""
     m, n, k, nested, dtype, bs, has_bias = case
@@ -84,6 +82,8 @@ def case_operands(case):
     return p, ops, x, bias
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
+                         f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
 def test_gemv_and_gemm_kernels_equal_bitsandbytes_dequantize(case):
     m, n, dtype = case[0], case[1], case[4]
     p, ops, x, bias = case_operands(case)

@@ -1,12 +1,12 @@
 """/v1/models: the base model plus this tenant's adapters (OpenAI's model list)."""
 from __future__ import annotations
 
+from anyio import to_thread
 from fastapi import APIRouter
 
 from service.api.deps import RegistryDep, StateDep, TenantDep
 from service.api.schemas import ModelDeleted, ModelList, ModelPublic, error_responses, unix
-from service.api.serving_chat import resolve_model
-from service.core.domain import BASE_ADAPTER, AdapterManifest
+from service.core.domain import AdapterManifest
 from service.core.errors import InvalidInput, NotFound
 from service.core.identity import public_id
 
@@ -31,9 +31,14 @@ def list_models(tenant: TenantDep, registry: RegistryDep, state: StateDep) -> Mo
 @router.get("/{model:path}", response_model=ModelPublic, responses=error_responses(404))
 async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelPublic:
     # `:path` because hub ids ("THUDM/chatglm3-6b") contain a slash.
-    if await resolve_model(state, tenant, model) == BASE_ADAPTER:
+    if state.base_model.is_base(model):
         return _base(state)
-    return _adapter(registry.resolve(tenant, model)[1], state)
+    try:
+        manifest = (await to_thread.run_sync(registry.resolve, tenant, model))[1]
+    except (NotFound, InvalidInput):  # a name that cannot exist is as unknown as one that does not
+        raise NotFound(f"model {model!r} does not exist (base model: {state.base_model_name!r})",
+                       param="model", code="model_not_found") from None
+    return _adapter(manifest, state)
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(404, 409))
