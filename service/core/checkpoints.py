@@ -99,18 +99,17 @@ class CheckpointModels:
         return self._resolve_checkpoint(tenant, name, *parsed, version)
 
     def latest_version(self, tenant: str, name: str) -> int | None:
-        if parse_checkpoint_model(name) is None:
+        """Per chat request: a checkpoint is looked up, not hashed (resolve hashes when loading)."""
+        parsed = parse_checkpoint_model(name)
+        if parsed is None:
             return self._registry.latest_version(tenant, name)
         try:
-            self.resolve(tenant, name)
+            self._locate(tenant, name, *parsed, None)
         except NotFound:
             return None
         return 1
 
-    def _resolve_checkpoint(self, tenant: str, name: str, job_id: str, step: int,
-                            version: int | None) -> tuple[Path, AdapterManifest]:
-        from service.core.registry import ADAPTER_CONFIG, ADAPTER_FILES, sha256_file
-
+    def _locate(self, tenant: str, name: str, job_id: str, step: int, version: int | None) -> tuple[Job, Path]:
         missing = NotFound(f"checkpoint {name!r} not found", param="model")
         try:
             job = self._get_job(job_id)
@@ -119,6 +118,14 @@ class CheckpointModels:
         path = self._jobs_dir / job_id / CHECKPOINTS / f"step-{step}"
         if job.tenant != tenant or version not in (None, 1) or not (path / STATE).is_file():
             raise missing
+        return job, path
+
+    def _resolve_checkpoint(self, tenant: str, name: str, job_id: str, step: int,
+                            version: int | None) -> tuple[Path, AdapterManifest]:
+        from service.core.registry import ADAPTER_CONFIG, ADAPTER_FILES, sha256_file
+
+        job, path = self._locate(tenant, name, job_id, step, version)
+        missing = NotFound(f"checkpoint {name!r} not found", param="model")
         try:
             state = read_state(path)
             config = json.loads((path / ADAPTER_CONFIG).read_text())
