@@ -18,6 +18,7 @@ from service.core.domain import (
     MAX_METADATA_VALUE_CHARS,
     SUFFIX_MAX_CHARS,
     SUFFIX_PATTERN,
+    ApiKeyInfo,
     AdapterManifest,
     DatasetFormat,
     DatasetSource,
@@ -32,6 +33,9 @@ from service.core.domain import (
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEventType,
+    metrics_samples,
+    metrics_summary,
+    result_summary,
 )
 from service.core.webhooks import MAX_URL_LENGTH, secret_hint
 
@@ -303,7 +307,7 @@ class JobPublic(BaseModel):
             estimated_finish=estimated, started_at=unix(job.started_at),
             cancel_requested=job.cancel_requested,
             training_dataset=job.training_dataset, validation_dataset=job.validation_dataset,
-            progress=job.progress, spec=spec, result=job.result,
+            progress=job.progress, spec=spec, result=result_summary(job.result),
         )
 
 
@@ -389,8 +393,14 @@ class _AdapterPublicBase(BaseModel):
     created_at: int
 
     @classmethod
-    def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
-        return cls(id=m.model_id, created_at=unix(m.created_at), **m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS)))
+    def from_domain(cls, m: AdapterManifest, base_model: str | None = None) -> "AdapterPublic":
+        """`base_model`: the base's public id when the caller knows it (older manifests may
+        hold a host path)."""
+        fields = m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS))
+        if base_model:
+            fields["base_model"] = base_model
+        fields["metrics"] = metrics_summary(fields.get("metrics"))  # the rows: /v1/adapters/{name}/samples
+        return cls(id=m.model_id, created_at=unix(m.created_at), **fields)
 
 
 # The manifest's own field definitions (types, defaults), so the two cannot drift apart.
@@ -402,6 +412,30 @@ AdapterPublic = create_model(
 
 class AdapterList(ListResponse):
     data: list[AdapterPublic]
+
+
+class SamplePublic(BaseModel):
+    """One evaluation prompt: the reference reply, the base model's and the adapter's (greedy)."""
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    reference: str = ""
+    base: str = ""
+    adapter: str = ""
+
+
+class SampleList(ListResponse):
+    """The before/after table of a job's evaluation (ours; lists and job views carry only scores)."""
+    data: list[SamplePublic]
+    split: str | None = None
+    n_samples: int = 0
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None, limit: int | None = None) -> "SampleList":
+        rows = metrics_samples(metrics)
+        quality = (metrics or {}).get("quality") if isinstance((metrics or {}).get("quality"), dict) else {}
+        shown = rows[:limit] if limit is not None else rows
+        return cls(data=[SamplePublic.model_validate(r) for r in shown], has_more=len(shown) < len(rows),
+                   split=quality.get("split"), n_samples=len(rows))
 
 
 class AdapterDeleted(BaseModel):
@@ -701,3 +735,36 @@ class SimpleChatResponse(BaseModel):
     usage: Usage
     model: str
     finish_reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# API keys of the caller's tenant (ours; the operator's `tuneserve keys` works on every tenant)
+# ---------------------------------------------------------------------------------------
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE)
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as listed: its first characters only (only a hash of the whole key is stored)."""
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str | None = None
+    prefix: str
+    created_at: int
+    revoked_at: int | None = None
+
+    @classmethod
+    def from_domain(cls, k: ApiKeyInfo) -> "ApiKeyPublic":
+        return cls(id=k.id, name=k.name, prefix=k.prefix, created_at=unix(k.created_at) or 0,
+                   revoked_at=unix(k.revoked_at))
+
+
+class ApiKeyWithSecret(ApiKeyPublic):
+    """Create only: the one time the whole key is shown."""
+    key: str
+
+
+class ApiKeyList(ListResponse):
+    data: list[ApiKeyPublic]

@@ -72,6 +72,11 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+# What a running job is doing: optimizer steps, then evaluation (validation loss, then greedy
+# replies of the base and of the adapter on the evaluation prompts), then publishing the adapter.
+JobPhase = Literal["training", "evaluating", "publishing"]
+
+
 class JobProgress(BaseModel):
     step: int = 0
     total_steps: int | None = None
@@ -81,7 +86,20 @@ class JobProgress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     label_tokens_per_second: float | None = None
+    # Seconds until the job ends: the rest of training, plus evaluation (estimated from a timed
+    # probe before training, then measured while it runs), plus publishing.
     eta_seconds: float | None = None
+    phase: JobPhase | None = None
+    # While evaluating: replies generated so far of eval_total (base and adapter, one per prompt each).
+    eval_done: int | None = None
+    eval_total: int | None = None
+
+    @property
+    def phase_text(self) -> str | None:
+        """`training`, `evaluating 12/100`, `publishing` (None before the first report)."""
+        if self.phase == "evaluating" and self.eval_total:
+            return f"evaluating {self.eval_done or 0}/{self.eval_total}"
+        return self.phase
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +307,36 @@ class AdapterManifest(AdapterDraft):
     def model_id(self) -> str:
         """The name clients pass as `model` (a job's fine_tuned_model)."""
         return self.name
+
+
+# The before/after table (prompt, reference, base reply, adapter reply per evaluation prompt)
+# lives at metrics["quality"][SAMPLES_KEY]: 40-50 rows, tens of KB. Lists and job views carry
+# the summary; the rows have their own routes (/samples).
+SAMPLES_KEY = "before_after"
+
+
+def metrics_summary(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """`metrics` without the before/after rows (scores, n_samples and the rest kept)."""
+    out = dict(metrics or {})
+    quality = out.get("quality")
+    if isinstance(quality, dict) and SAMPLES_KEY in quality:
+        out["quality"] = {k: v for k, v in quality.items() if k != SAMPLES_KEY}
+    return out
+
+
+def metrics_samples(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The before/after rows of `metrics` ([] when there was no evaluation)."""
+    quality = (metrics or {}).get("quality")
+    rows = quality.get(SAMPLES_KEY) if isinstance(quality, dict) else None
+    return list(rows) if isinstance(rows, list) else []
+
+
+def result_summary(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's result with its metrics summarised (metrics_summary)."""
+    out = dict(result or {})
+    if isinstance(out.get("metrics"), dict):
+        out["metrics"] = metrics_summary(out["metrics"])
+    return out
 
 
 # A suffix ends up inside `ft-<suffix>-<12-char job tail>`, which must stay a NAME_PATTERN name

@@ -8,6 +8,7 @@ or hold sessions.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import secrets
@@ -47,9 +48,12 @@ from service.core.domain import (
     can_transition,
 )
 from service.core.errors import Conflict, InvalidInput, NotFound, UnknownCursor
+from service.logging import JOB_LOGGER
 
 # Integer on SQLite so the primary key aliases rowid (autoincrement); BIGINT elsewhere.
 _SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+_job_log = logging.getLogger(JOB_LOGGER)
 
 
 def utcnow() -> datetime:
@@ -462,7 +466,9 @@ class Store:
         with self._write() as s:
             s.add(row)
             s.flush()
-            return _job(row)
+            job = _job(row)
+        _job_log.info("job %s: created (%s)", job.id, job.status.value, extra={"job_id": job.id})
+        return job
 
     def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         with self._read() as s:
@@ -513,11 +519,18 @@ class Store:
                 # between (possible where FOR UPDATE is not available) makes rowcount 0.
                 res = s.execute(sa.update(JobRow).where(JobRow.id == job_id, JobRow.status == old.value)
                                 .values(**values).execution_options(synchronize_session=False))
+                done = None
                 if res.rowcount == 1:
                     self._outbox_job_event(s, row.tenant, job_id, new, now)
                     s.flush()
                     s.expire(row)
-                    return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+                    done = _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+            if done is not None:  # committed: say so (the one line per transition `make run` shows)
+                _job_log.info("job %s: %s -> %s%s", job_id, old.value, new.value,
+                              f" ({done.fine_tuned_model})" if new is JobStatus.succeeded and done.fine_tuned_model
+                              else f" ({done.error.code}: {done.error.message})" if done.error and new.is_final
+                              else "", extra={"job_id": job_id, "status": new.value})
+                return done
             time.sleep(0.01)
         raise Conflict(f"job {job_id}: status changed concurrently, giving up", param="status",
                        code="invalid_transition")
@@ -593,7 +606,10 @@ class Store:
                 self._outbox_job_event(s, row.tenant, job_id, JobStatus.cancelled, now)
             s.flush()
             s.expire(row)
-            return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+            job = _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+        _job_log.info("job %s: %s", job_id, f"{status.value} -> cancelled" if job.status is JobStatus.cancelled
+                      else "cancel requested (stops at its next step)", extra={"job_id": job_id})
+        return job
 
     def is_cancel_requested(self, job_id: str) -> bool:
         with self._read() as s:

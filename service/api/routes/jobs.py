@@ -21,8 +21,10 @@ from service.api.schemas import (
     JobEventPublic,
     JobList,
     JobPublic,
+    SampleList,
     error_responses,
 )
+from service.core.checkpoints import checkpoint_model_id
 from service.core.checkpoints import list_checkpoints as list_job_checkpoints
 
 log = logging.getLogger("tuneserve.api.jobs")
@@ -50,6 +52,13 @@ def get_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     return JobPublic.from_domain(store.get_job(job_id, tenant))
 
 
+@router.get("/{job_id}/samples", response_model=SampleList, responses=error_responses(404))
+def list_samples(job_id: str, tenant: TenantDep, store: StoreDep,
+                 limit: int = Query(default=100, ge=1, le=100_000)) -> SampleList:
+    """The evaluation's before/after rows (empty until the job has evaluated)."""
+    return SampleList.from_metrics(store.get_job(job_id, tenant).result.get("metrics"), limit)
+
+
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404, 409))
 def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep) -> JobPublic:
     job = store.request_cancel(job_id, tenant)
@@ -73,7 +82,7 @@ def _checkpoint_public(job_id: str, item: dict[str, Any]) -> CheckpointPublic:
     metrics = CheckpointMetrics(step=float(step), train_loss=item.get("loss"), valid_loss=item.get("eval_loss"))
     return CheckpointPublic(
         id=f"ftckpt-{job_id.split('-', 1)[-1]}-{step}", created_at=int(created or 0),
-        fine_tuned_model_checkpoint=f"{job_id}:step-{step}", fine_tuning_job_id=job_id,
+        fine_tuned_model_checkpoint=checkpoint_model_id(job_id, step), fine_tuning_job_id=job_id,
         step_number=step, metrics=metrics)
 
 
