@@ -229,6 +229,9 @@ class Up:
     proc: subprocess.Popen
     log_path: Path
     port: int
+    # `up` has its children log to files under <data dir>/logs/ (its own output keeps their
+    # pids and one line per job transition).
+    logs_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -238,7 +241,15 @@ class Up:
     def start(cls, args: list[str], env: dict[str, str], log_path: Path, port: int) -> "Up":
         proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", *args], cwd=log_path.parent, env=env,
                                 stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-        return cls(proc, log_path, port)
+        data_dir = Path(env.get("TUNESERVE_DATA_DIR") or log_path.parent / ".tuneserve")
+        if not data_dir.is_absolute():
+            data_dir = log_path.parent / data_dir
+        return cls(proc, log_path, port, data_dir / "logs")
+
+    def child_log(self, name: str) -> str:
+        """What child `name` (api, worker) logged (JSON lines, every process of that name)."""
+        path = self.logs_dir / f"{name}.log" if self.logs_dir else None
+        return path.read_text(errors="replace") if path and path.is_file() else ""
 
     def stop(self) -> None:
         """Ctrl-C's path (SIGTERM), then SIGKILL if it does not end within a minute."""
@@ -269,7 +280,7 @@ class Up:
 
     def worker_ready(self, pid: int) -> bool:
         """Celery logged "ready." for this worker process (structured log lines carry the pid)."""
-        return re.search(rf' ready\.".*"pid": {pid}\b', self.log()) is not None
+        return re.search(rf' ready\.".*"pid": {pid}\b', self.child_log("worker")) is not None
 
     def wait_up(self, what: str, *, workers: int = 1, apis: int = 1, timeout: float = 180) -> None:
         """Each child started at least `workers`/`apis` times, and its latest start alive: the

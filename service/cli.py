@@ -337,6 +337,7 @@ def jobs_follow(ctx: typer.Context, job_id: str,
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[eta]}"),
                 TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task(job_id, total=None, loss="-", eta="ETA -")
+            shown_phase = ""
             while True:
                 job = c.get(f"/v1/fine_tuning/jobs/{job_id}")
                 events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", limit=100).get("data", [])
@@ -349,7 +350,11 @@ def jobs_follow(ctx: typer.Context, job_id: str,
                                           highlight=False)
                 p = _progress(job)
                 loss = p.get("loss")
-                bar.update(task, description=f"{job_id} {job['status']}",
+                phase = _phase(p) if job["status"] == "running" else ""
+                if phase and phase.split()[0] != shown_phase:  # a line when the phase changes
+                    shown_phase = phase.split()[0]
+                    bar.console.print(f"phase: {phase}", highlight=False)
+                bar.update(task, description=f"{job_id} {job['status']}" + (f" ({phase})" if phase else ""),
                            completed=p.get("step") or 0, total=p.get("total_steps") or None,
                            loss=f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                            eta=_fmt_eta(p.get("eta_seconds")))
@@ -368,6 +373,17 @@ def jobs_follow(ctx: typer.Context, job_id: str,
     raise typer.Exit(0 if job["status"] == "succeeded" else 1)
 
 
+def _phase(p: dict[str, Any]) -> str:
+    """`training`, `evaluating 12/100` or `publishing` (the domain's JobProgress.phase_text)."""
+    from pydantic import ValidationError
+
+    from service.core.domain import JobProgress
+    try:
+        return JobProgress.model_validate(p).phase_text or ""
+    except ValidationError:  # a newer server's shape: show what it says
+        return str(p.get("phase") or "")
+
+
 def _print_final(job: dict[str, Any]) -> None:
     lines = [f"status: {_status(job['status'])}"]
     if job.get("fine_tuned_model"):
@@ -378,12 +394,52 @@ def _print_final(job: dict[str, Any]) -> None:
         err = job["error"]
         lines.append(f"[red]error[/]: {err.get('code')}: {err.get('message')}")
     metrics = (job.get("result") or {}).get("metrics") if isinstance(job.get("result"), dict) else None
-    if metrics:
-        lines.append("metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                             for k, v in metrics.items()))
+    metrics = metrics if isinstance(metrics, dict) else {}
+    losses = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if losses:
+        lines.append("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in losses.items()))
+    quality = _quality_lines(metrics.get("quality"))
+    if quality:
+        lines += quality + [f"before/after samples: tuneserve jobs samples {job['id']}"]
     if job["status"] == "succeeded" and job.get("fine_tuned_model"):
         lines.append(f"chat with it: tuneserve chat --adapter {job['fine_tuned_model']}")
     console.print(Panel("\n".join(lines), title=job["id"], expand=False))
+
+
+def _quality_lines(quality: Any) -> list[str]:
+    """BLEU/ROUGE of base vs adapter, one line per metric (the samples are not printed)."""
+    if not isinstance(quality, dict) or not isinstance(quality.get("adapter"), dict):
+        return [f"quality: {quality['error']}"] if isinstance(quality, dict) and quality.get("error") else []
+    base, tuned = quality.get("base") or {}, quality["adapter"]
+    out = [f"quality on {quality.get('n_samples')} {quality.get('split', '')} prompts (base -> adapter):"]
+    for key, value in tuned.items():
+        if isinstance(value, (int, float)) and key != "n_samples":
+            before = base.get(key)
+            diff = f" ({value - before:+.2f})" if isinstance(before, (int, float)) else ""
+            out.append(f"  {key}: {before if before is not None else '-'} -> {value}{diff}")
+    return out
+
+
+@jobs_app.command("samples")
+def jobs_samples(ctx: typer.Context, job_id: str,
+                 limit: Annotated[int, typer.Option(min=1, help="Rows to show.")] = 10,
+                 as_json: Annotated[bool, typer.Option("--json", help="Raw JSON.")] = False,
+                 url: UrlOpt = DEFAULT_URL, api_key: KeyOpt = None):
+    """The evaluation's before/after rows: prompt, reference, base reply, adapter reply."""
+    def run():
+        with _client(ctx, url, api_key) as c:
+            return c.get(f"/v1/fine_tuning/jobs/{job_id}/samples", limit=limit)
+
+    page = _run_client(run)
+    if as_json:
+        console.print_json(data=page)
+        return
+    table = Table("prompt", "reference", "base", "adapter", show_lines=True)
+    for row in page.get("data", []):
+        table.add_row(*(str(row.get(k, "")) for k in ("prompt", "reference", "base", "adapter")))
+    _print_table(table)
+    console.print(f"{len(page.get('data', []))} of {page.get('n_samples', 0)} rows"
+                  + (f"; more: --limit {page['n_samples']}" if page.get("has_more") else ""))
 
 
 # ---------------------------------------------------------------------------------------

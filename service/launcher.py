@@ -209,11 +209,21 @@ class Child:
     restart_at: float | None = None
 
 
-def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+def spawn(argv: list[str], env: dict[str, str], stdout: Path | None = None) -> subprocess.Popen:
     # Own session: a terminal Ctrl-C reaches only `up`, which stops children in order, and each
     # child is one process group we can stop whole; die_with_parent covers `up` being killed.
-    return subprocess.Popen(argv, env=env, start_new_session=True,
-                            preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
+    out = stdout.open("ab") if stdout is not None else None
+    try:
+        return subprocess.Popen(argv, env=env, start_new_session=True, stdout=out,
+                                preexec_fn=die_with_parent())  # noqa: PLW1509 (`up` runs no threads)
+    finally:
+        if out is not None:
+            out.close()  # the child holds its own descriptor
+
+
+def key_curl(settings: Settings, key: str) -> str:
+    """The one-line curl `up` prints under the key panel."""
+    return f"curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/models"
 
 
 @dataclass
@@ -239,8 +249,11 @@ class Launcher:
         choice = choose_base_model(settings)
         self._announce_model(choice)
         # Children read the same decisions through their own Settings.
+        # Children log to files under logs/ and keep only a line per job transition (and errors)
+        # on this terminal (service.logging); their stdout (Celery's banner) goes to logs/ too.
         env = dict(os.environ, TUNESERVE_BASE_MODEL=choice.model, TUNESERVE_HOST=settings.host,
-                   TUNESERVE_PORT=str(settings.port))
+                   TUNESERVE_PORT=str(settings.port), TUNESERVE_LOG_DIR=str(logs.absolute()))
+        logs.mkdir(parents=True, exist_ok=True)
 
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -258,15 +271,17 @@ class Launcher:
             if self.with_worker:
                 from service.cli import worker_argv
                 argv = worker_argv(settings.task_queue, 1)
-                self._add("worker", lambda: spawn(argv, env))
-            self._add("api", lambda: spawn([sys.executable, "-m", "service.cli", "api"], env))
+                self._add("worker", lambda: spawn(argv, env, stdout=logs / "worker.out"))
+            self._add("api", lambda: spawn([sys.executable, "-m", "service.cli", "api"], env,
+                                           stdout=logs / "api.out"))
             base = f"http://{settings.host}:{settings.port}"
             model_line = (f"[bold red]model: SMOKE-TEST DEMO MODEL ({choice.model}), answers are gibberish[/]"
                           if choice.demo else f"model: {choice.model}")
             p = self.policy
             self.console.print(Panel(
                 f"API + dashboard: [bold]{base}/[/]\nOpenAI base_url: {base}/v1\n{model_line}\n"
-                f"data: {settings.data_dir.absolute()}   logs: worker/api below, redis in {logs}\n"
+                f"data: {settings.data_dir.absolute()}\nlogs: {logs.absolute()}/{{api,worker}}.log "
+                "(JSON; below: one line per job transition, and errors)\n"
                 f"a crashed child is restarted (at most {p.max_restarts} times in {p.window_s:g} s)\n"
                 "Ctrl-C stops everything.", title="tuneserve up", expand=False))
             return self._supervise()
@@ -294,9 +309,11 @@ class Launcher:
         where = settings.data_dir / API_KEY_FILE
         what = "created API key" if created else "API key"
         self.console.print(Panel(f"{what} for tenant [bold]{DEFAULT_TENANT}[/]:\n[bold]{key}[/]\n"
-                                 f"saved in {where} (the CLI uses it by default)\n"
-                                 f"curl -H 'Authorization: Bearer {key}' http://{settings.host}:{settings.port}/v1/models",
+                                 f"saved in {where} (the CLI uses it by default)",
                                  title="API key", expand=False))
+        # Outside the panel, on one line whatever the terminal's width, so it pastes as is.
+        self.console.print("try it:", highlight=False)
+        self.console.print(key_curl(settings, key), soft_wrap=True, highlight=False, markup=False)
 
     # -- processes -------------------------------------------------------------------------
     def _add(self, name: str, start: Callable[[], subprocess.Popen]) -> None:

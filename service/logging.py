@@ -18,6 +18,10 @@ Where the ids come from, first hit wins:
 default: text on a terminal, JSON otherwise, so `make run` stays readable and deployments
 log JSON). `TUNESERVE_LOG_LEVEL` overrides the level.
 
+`TUNESERVE_LOG_DIR` (set by `tuneserve up` for its children): every line goes as JSON to
+`<dir>/<component>.log`, and stderr keeps only one short line per job transition (the
+`tuneserve.jobs` logger) and errors, so the terminal of `make run` stays readable.
+
 The worker: Celery configures logging before it imports anything but the app module, so the
 hook has to be installed before Celery starts. `python -m service.logging ARGS` is Celery's own
 command line (`celery ARGS`) with this module's `setup_logging` receiver connected first;
@@ -45,6 +49,8 @@ job_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("tuneser
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
     "message", "asctime", "taskName", "color_message"}
 _HANDLER_NAME = "tuneserve"
+# One line per job transition (store.transition, job creation): what `make run`'s terminal shows.
+JOB_LOGGER = "tuneserve.jobs"
 
 
 @contextlib.contextmanager
@@ -153,11 +159,26 @@ def _want_json(stream) -> bool:
         return True
 
 
+class TerminalFilter(logging.Filter):
+    """Beside a log file: job transitions and errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == JOB_LOGGER or record.levelno >= logging.ERROR
+
+
+class ShortFormatter(logging.Formatter):
+    """`12:00:01 worker: job ftjob-… running -> succeeded` (errors keep their traceback)."""
+
+    def __init__(self, component: str | None = None):
+        super().__init__(f"%(asctime)s {component or '-'}: %(message)s", datefmt="%H:%M:%S")
+
+
 def configure_logging(component: str, level: str | int | None = "INFO", stream=None) -> None:
-    """Root logger -> one stderr handler with our formatter. Idempotent. uvicorn's and Celery's
-    loggers propagate here (run uvicorn with log_config=None, access_log=False: the API's own
-    request line, with the request id, route template, status and duration, replaces uvicorn's
-    access line)."""
+    """Root logger -> one stderr handler with our formatter (plus the log file of
+    TUNESERVE_LOG_DIR, see the module docstring). Idempotent. uvicorn's and Celery's loggers
+    propagate here (run uvicorn with log_config=None, access_log=False: the API's own request
+    line, with the request id, route template, status and duration, replaces uvicorn's access
+    line)."""
     stream = stream or sys.stderr
     level = os.environ.get("TUNESERVE_LOG_LEVEL") or level or "INFO"
     if isinstance(level, str):
@@ -167,9 +188,20 @@ def configure_logging(component: str, level: str | int | None = "INFO", stream=N
     for h in list(root.handlers):
         if getattr(h, "name", None) == _HANDLER_NAME:
             root.removeHandler(h)
+            h.close()
     handler = logging.StreamHandler(stream)
     handler.set_name(_HANDLER_NAME)
-    handler.setFormatter(JsonFormatter(component) if _want_json(stream) else TextFormatter(component))
+    log_dir = os.environ.get("TUNESERVE_LOG_DIR", "").strip()
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        to_file = logging.FileHandler(os.path.join(log_dir, f"{component}.log"), encoding="utf-8")
+        to_file.set_name(_HANDLER_NAME)
+        to_file.setFormatter(JsonFormatter(component))
+        root.addHandler(to_file)
+        handler.addFilter(TerminalFilter())
+        handler.setFormatter(ShortFormatter(component))
+    else:
+        handler.setFormatter(JsonFormatter(component) if _want_json(stream) else TextFormatter(component))
     root.addHandler(handler)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error", "celery"):

@@ -303,6 +303,8 @@ def run_job(store, settings: Settings, job_id: str, worker_id: str | None = None
                 return "lost"  # another run owns the job and its work_dir now: touch nothing
             if progress.should_stop():
                 raise Cancelled("cancelled after training, before publishing")
+            progress.progress(store.get_job(job_id).progress.model_copy(
+                update={"phase": "publishing", "eta_seconds": 0.0}))
             manifest = publish_adapter(settings, job, outcome)
             store.update_progress(job_id, store.get_job(job_id).progress,
                                   trained_tokens=outcome.report.trained_tokens)

@@ -247,3 +247,27 @@ def test_keys_with_whitespace_cannot_be_configured(make_settings, tmp_path):
                 store.create_api_key("alice", key=bad)
     finally:
         store.close()
+
+
+def test_an_unknown_after_cursor_is_a_404_the_spec_documents(client):
+    """Every list with an `after` cursor: one naming no object of that list (a made-up id, the
+    id of another list, another tenant's) answers 404 on `after`, and the spec says so for each."""
+    fid = upload_ok(client)
+    job = client.post("/v1/fine_tuning/jobs", headers=AUTH_A, json={"model": BASE, "training_file": fid}).json()
+    ep = client.post("/v1/webhook_endpoints", headers=AUTH_A, json={
+        "name": "n", "url": "http://127.0.0.1:9/hook", "event_types": ["fine_tuning.job.succeeded"]})
+    assert ep.status_code == 200, ep.text
+    lists = ["/v1/files", "/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{job['id']}/events",
+             f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", "/v1/webhook_endpoints",
+             f"/v1/webhook_endpoints/{ep.json()['id']}/deliveries"]
+    spec = client.get("/openapi.json").json()
+    for path in lists:
+        for cursor in ("nope-0", fid if "files" not in path else job["id"]):
+            err = assert_error(client.get(path, headers=AUTH_A, params={"after": cursor}), 404, code="not_found")
+            assert err["param"] == "after", (path, err)
+        op = spec["paths"][next(p for p in spec["paths"] if _match(p, path))]["get"]
+        assert "404" in op["responses"], path
+        after = next(p for p in op["parameters"] if p["name"] == "after")
+        assert "404" in after["description"], path
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job["id"]}), 404,
+                 code="not_found")

@@ -137,6 +137,15 @@ def test_adapter_per_request_and_tenant_scoped(client, base_name, adapter):
     assert_error(complete(client, "../../etc/passwd"), 404, param="model")
 
 
+def test_a_job_id_as_model_says_to_use_the_jobs_fine_tuned_model(client, base_name):
+    """Issue 14 part 5: the 404 for a made-up job id says what a job id is for (the hint text
+    for real jobs is tested in test_jobs.py against the store)."""
+    r = complete(client, "ftjob-000000000000000000000000")
+    assert_error(r, 404, param="model", code="model_not_found")
+    assert "chat with the job's fine_tuned_model instead" in r.json()["error"]["message"]
+    assert "fine_tuned_model" not in complete(client, "no-such-model").json()["error"]["message"]
+
+
 def test_simple_chat_both_history_shapes(client, base_name, adapter):
     r = client.post("/chat", headers=AUTH_A, json={"query": "你好", "history": [["hi", "hello"]],
                                                     "max_new_tokens": 8, "temperature": 0})

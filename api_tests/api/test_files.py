@@ -121,6 +121,25 @@ def test_malformed_dataset_refused_nothing_written(client, settings, queue_len, 
     assert queue_len() == 0
 
 
+def test_bad_lines_reported_first_twenty_with_the_count(client, settings, queue_len):
+    """Issue 14 part 5: not only the first bad line: the first 20, in order, each with its line
+    and field, and how many there are; nothing written."""
+    good = json.dumps(GOOD_ROWS[0], ensure_ascii=False).encode()
+    lines = []
+    for i in range(1, 61):  # lines 3, 6, 9, ... are bad (20 of them by line 60), alternating kinds
+        if i % 3:
+            lines.append(good)
+        else:
+            lines.append(b'{"content": "a"}' if i % 2 else b"{not json")
+    lines.append(b'{"content": "a", "summary": 5}')  # line 61: the 21st bad line, counted, not listed
+    err = assert_error(upload(client, b"\n".join(lines) + b"\n"), 400, param="file")
+    assert err["message"].startswith("21 lines are invalid: line 3: "), err["message"]
+    assert [d["line"] for d in err["details"]] == list(range(3, 61, 3))
+    assert [d["field"] for d in err["details"][:2]] == ["summary", ""]
+    assert "not valid JSON" in err["details"][1]["message"]
+    assert files_on_disk(settings) == [] and queue_len() == 0
+
+
 HOSTILE_FORMS = [
     # (name, kwargs for upload(), status, param)
     ("purpose wrong", dict(purpose="assistants"), 400, "purpose"),

@@ -137,6 +137,38 @@ def test_every_problem_reported_at_once(client):
             "hyperparameters.lr_scheduler"} <= params
 
 
+def test_unknown_keys_answer_with_the_closest_known_one(client):
+    """Issue 14 part 5: a typo gets "did you mean", not pydantic's "Extra inputs are not
+    permitted", at every depth of the body (hyperparameters, the body itself, a dataset source)."""
+    fid = upload_ok(client)
+    cases = [({"model": BASE, "training_file": fid, "hyperparameters": {"n_epoch": 2}},
+              "hyperparameters.n_epoch", "did you mean n_epochs?"),
+             ({"model": BASE, "training_file": fid, "method": {"type": "supervised", "supervised": {
+                 "hyperparameters": {"learning_rate_multipler": 2}}}},
+              "method.supervised.hyperparameters.learning_rate_multipler", "did you mean learning_rate_multiplier?"),
+             ({"model": BASE, "training_fle": fid}, "training_fle", "did you mean training_file?"),
+             ({"model": BASE, "training_dataset": {"path": "a/b", "spilt": "train"}}, "training_dataset.spilt",
+              "did you mean split?")]
+    for body, param, hint in cases:
+        err = assert_error(create(client, **body), 400)
+        detail = next(d for d in err["details"] if d["param"] == param)
+        assert hint in detail["message"] and "Extra inputs" not in err["message"], err
+    # Nothing close: every accepted key is listed instead.
+    err = assert_error(create(client, model=BASE, training_file=fid, hyperparameters={"zzz": 1}), 400,
+                       param="hyperparameters.zzz")
+    assert "accepted:" in err["message"] and "lora_r" in err["message"], err
+
+
+@pytest.mark.parametrize(("raw", "where"), [(b'{"model": "x",}', "line 1, column 15 (character 14)"),
+                                           (b'{\n  "model": "x"\n  "seed": 1}', "line 3, column 3 (character 19)"),
+                                           (b"not json", "line 1, column 1 (character 0)")])
+def test_a_malformed_json_body_says_so_and_where(client, raw, where):
+    r = client.post("/v1/fine_tuning/jobs", headers={**AUTH_A, "Content-Type": "application/json"}, content=raw)
+    err = assert_error(r, 400, code="invalid_json")
+    assert err["message"].startswith("the request body is not valid JSON: ") and where in err["message"], err
+    assert "JSON decode error" not in err["message"]
+
+
 def test_enqueue_failure_rolls_back_the_row(make_settings, queue_len):
     # Valid everything, but the broker is unreachable: 503, no row left behind.
     with TestClient(create_app(make_settings(redis_url="redis://127.0.0.1:1/0"))) as c:
@@ -208,8 +240,9 @@ def test_list_pagination_get_cancel_events(client):
     page3 = client.get("/v1/fine_tuning/jobs", headers=AUTH_A,
                        params={"limit": 2, "after": page2["data"][-1]["id"]}).json()
     assert [j["id"] for j in page3["data"]] == newest_first[4:] and page3["has_more"] is False
-    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"after": "ftjob-nope"}), 400,
-                 param="after")
+    # A cursor naming no job of the list: 404 on `after`, as the spec's parameter says.
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"after": "ftjob-nope"}), 404,
+                 param="after", code="not_found")
     assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_A, params={"limit": 0}), 400, param="limit")
 
     job_id = ids[0]
@@ -258,8 +291,30 @@ def test_cross_tenant_jobs_are_404(client):
         assert_error(client.request(method, path, headers=AUTH_B), 404, code="not_found")
     assert client.get("/v1/fine_tuning/jobs", headers=AUTH_B).json()["data"] == []
     # bob cannot page through alice's list with her cursor either
-    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job_id}), 400)
+    assert_error(client.get("/v1/fine_tuning/jobs", headers=AUTH_B, params={"after": job_id}), 404, param="after")
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH_A).json()["status"] == "queued"
+
+
+def test_a_job_id_as_chat_model_points_at_its_fine_tuned_model(client):
+    """Issue 14 part 5 (serving_jobs.job_id_as_model_hint, for chat's model-not-found answer):
+    the tenant's own job names its fine_tuned_model or says it has none yet; another tenant's
+    job reads like a made-up id; other names get no hint."""
+    from service.api.serving_jobs import job_id_as_model_hint
+    from service.core.domain import JobStatus
+
+    store = client.app.state.tuneserve.store
+    fid = upload_ok(client)
+    job_id = create(client, model=BASE, training_file=fid).json()["id"]
+    assert "no fine_tuned_model yet" in job_id_as_model_hint(store, "alice", job_id)
+    assert "(queued)" in job_id_as_model_hint(store, "alice", job_id)
+    store.transition(job_id, JobStatus.running, worker_id="w")
+    store.transition(job_id, JobStatus.succeeded, fine_tuned_model="ft-ads-abc")
+    assert job_id_as_model_hint(store, "alice", job_id).endswith("chat with its fine_tuned_model 'ft-ads-abc'")
+    made_up = job_id_as_model_hint(store, "alice", "ftjob-000000000000000000000000")
+    assert job_id_as_model_hint(store, "bob", job_id) == made_up.replace("ftjob-000000000000000000000000", job_id)
+    assert "fine_tuned_model" in made_up
+    assert job_id_as_model_hint(store, "alice", "ft-ads-abc") is None
+    assert job_id_as_model_hint(store, "alice", None) is None
 
 
 def test_file_in_use_cannot_be_deleted(client):
@@ -335,3 +390,33 @@ def test_job_routes_import_no_torch_and_no_training_code(tmp_path):
              "print([i['step'] for i in items], bad)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[3] []", out.stdout
+
+
+def test_the_spec_states_what_job_creation_accepts(client):
+    """The schema the fuzz generates from: typed hyperparameters (TrainingSpec's keys and
+    ranges, OpenAI's "auto"), exactly one training source, one place for hyperparameters; each
+    body below is judged by the spec as the server judges it."""
+    import jsonschema_rs
+
+    spec = client.get("/openapi.json").json()
+    valid = jsonschema_rs.validator_for({"$ref": "#/components/schemas/JobCreate",
+                                         "components": spec["components"]}).is_valid
+    fid = upload_ok(client)
+    bodies = [
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epochs": "auto", "lora_r": 16}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epoch": 2}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"lora_r": 0}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"learning_rate": 1e-4,
+                                                                  "learning_rate_multiplier": 2}},
+        {"model": BASE},
+        {"model": BASE, "training_file": fid, "training_dataset": {"path": "a/b"}},
+        {"model": BASE, "training_file": fid, "hyperparameters": {"n_epochs": 1},
+         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}},
+        {"model": BASE, "training_file": fid, "method": {"type": "dpo"}},
+        {"model": BASE, "training_file": fid, "suffix": "a" * 46},
+        {"model": BASE, "training_file": fid, "integrations": [{"type": "wandb"}]},
+    ]
+    for body in bodies:
+        accepted = create(client, **body).status_code == 200
+        assert valid(body) == accepted, (body, accepted)
+    assert sum(valid(b) for b in bodies) == 1

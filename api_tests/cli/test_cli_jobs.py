@@ -140,3 +140,60 @@ def test_unreachable_server(cli_env, runner):
     res = runner.invoke(app, ["jobs", "list", "--url", "http://127.0.0.1:9", "--api-key", "x"])
     assert res.exit_code == 2
     assert "cannot reach http://127.0.0.1:9" in res.output
+
+
+def _quality_metrics(n_rows: int) -> dict:
+    rows = [{"prompt": f"prompt-{i}", "reference": f"reference-{i}", "base": f"base-reply-{i}",
+             "adapter": f"adapter-reply-{i}"} for i in range(n_rows)]
+    return {"train_loss": 1.5, "eval_loss": 1.75,
+            "quality": {"split": "validation", "n_samples": n_rows, "before_after": rows,
+                        "base": {"bleu-4": 1.0, "rouge-l": 5.0, "n_samples": n_rows},
+                        "adapter": {"bleu-4": 4.5, "rouge-l": 9.0, "n_samples": n_rows},
+                        "metric_descriptions": {"bleu-4": "BLEU-4 ...", "rouge-l": "ROUGE-L ..."}}}
+
+
+def test_follow_ends_with_scores_not_samples_and_samples_has_its_command(api, invoke):
+    """`jobs follow` (and so `jobs create --follow`) ends with a short panel: losses and one line
+    per metric, base -> adapter; the 40 before/after rows are `jobs samples ID`."""
+    _client, store, _key, _settings = api
+    job = _job(store)
+    store.transition(job.id, JobStatus.running, worker_id="test-worker")
+    store.transition(job.id, JobStatus.succeeded, fine_tuned_model="ft-q-abc",
+                     result={"metrics": _quality_metrics(40)})
+    res = invoke("jobs", "follow", job.id, "--interval", "0.05")
+    assert res.exit_code == 0, res.output
+    assert "prompt-" not in res.output and "adapter-reply" not in res.output
+    assert "train_loss=1.5" in res.output and "eval_loss=1.75" in res.output
+    assert "bleu-4: 1.0 -> 4.5 (+3.50)" in res.output and "rouge-l: 5.0 -> 9.0 (+4.00)" in res.output
+    assert f"tuneserve jobs samples {job.id}" in res.output
+    assert len(res.output.splitlines()) < 25, res.output
+
+    res = invoke("jobs", "samples", job.id, "--limit", "3")
+    assert res.exit_code == 0, res.output
+    for i in range(3):
+        assert f"adapter-reply-{i}" in res.output and f"reference-{i}" in res.output
+    assert "adapter-reply-3" not in res.output and "3 of 40 rows" in res.output
+    res = invoke("jobs", "samples", job.id, "--json", "--limit", "100")
+    assert len(json.loads(res.output)["data"]) == 40
+
+
+def test_follow_shows_the_phase(api, invoke, monkeypatch):
+    """A line when the phase changes (`phase: evaluating 3/6`; the bar's description says it live
+    on a terminal); the job ends at the first poll's sleep (where the test moves it on: no timing)."""
+    import service.cli as cli
+
+    _client, store, _key, _settings = api
+    job = _job(store)
+    store.transition(job.id, JobStatus.running, worker_id="test-worker")
+    store.update_progress(job.id, JobProgress(step=4, total_steps=4, loss=0.5, eval_loss=0.75, phase="evaluating",
+                                              eval_done=3, eval_total=6, eta_seconds=12))
+
+    def finish(_seconds):
+        store.update_progress(job.id, JobProgress(step=4, total_steps=4, phase="publishing", eta_seconds=0))
+        store.transition(job.id, JobStatus.succeeded, fine_tuned_model="ft-phase-abc")
+
+    monkeypatch.setattr(cli.time, "sleep", finish)
+    res = invoke("jobs", "follow", job.id, "--interval", "0.05")
+    assert res.exit_code == 0, res.output
+    assert "phase: evaluating 3/6" in res.output
+    assert "ft-phase-abc" in res.output

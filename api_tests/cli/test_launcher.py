@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from service.core.config import CHATGLM3_HUB_ID, Settings
-from service.launcher import DEMO_BANNER, LaunchError, choose_base_model, ensure_default_key, redis_ping, start_redis
+from service.launcher import (DEMO_BANNER, LaunchError, Launcher, choose_base_model, ensure_default_key, key_curl,
+                              redis_ping, start_redis)
 from harness import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,6 +54,21 @@ def test_first_run_key_is_created_saved_0600_and_reused(cli_env):
         store.close()
     new_key, created = ensure_default_key(settings)  # a revoked saved key is replaced
     assert created and new_key != key and path.read_text().strip() == new_key
+
+
+def test_key_panel_curl_is_one_paste_able_line_on_a_narrow_terminal(cli_env):
+    """The curl example is printed outside the panel, unwrapped, without markup or colours."""
+    import io
+
+    from rich.console import Console
+
+    settings = Settings()
+    key = "tsk-" + "k" * 48
+    out = io.StringIO()
+    Launcher(console=Console(file=out, width=40, color_system=None))._announce_key(settings, key, True)
+    curl = key_curl(settings, key)
+    assert len(curl) > 40 and curl in out.getvalue().splitlines()
+    assert curl == f"curl -H 'Authorization: Bearer {key}' http://127.0.0.1:8000/v1/models"
 
 
 def test_starts_a_private_redis_when_none_answers(tmp_path):

@@ -154,10 +154,13 @@ def test_empty_files_refused():
 def test_line_too_long_refused_while_streaming():
     v = DatasetValidator(**LIMITS)
     v.feed(_jsonl(AD))
-    with pytest.raises(InvalidInput, match="line 2: line longer than 4096 bytes"):
-        for _ in range(100):  # an endless line without newline: refused before it is all buffered
-            v.feed(b"x" * 1000)
-    assert len(v._buf) <= LIMITS["max_line_bytes"] + 1000
+    for _ in range(100):  # an endless line without newline: refused, and dropped, while it streams in
+        v.feed(b"x" * 1000)
+        assert len(v._buf) <= LIMITS["max_line_bytes"] + 1000
+    assert v.problems == [{"line": 2, "field": "", "message": "line longer than 4096 bytes"}]
+    v.feed(b"\n" + _jsonl(AD) + b"[1]\n")  # the lines after it are still checked and counted
+    with pytest.raises(InvalidInput, match="2 lines are invalid: line 2: line longer than 4096 bytes; line 4: "):
+        v.finish()
 
 
 def test_size_limit_enforced_while_streaming():

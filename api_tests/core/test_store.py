@@ -17,7 +17,7 @@ from service.core.domain import (
     JobStatus,
     TrainingSpec,
 )
-from service.core.errors import Conflict, InvalidInput, NotFound
+from service.core.errors import Conflict, InvalidInput, NotFound, UnknownCursor
 from service.core.store import Store
 
 
@@ -188,9 +188,9 @@ def test_list_jobs_pagination_newest_first(store: Store):
     exact, more_exact = store.list_jobs("acme", limit=5)
     assert len(exact) == 5 and not more_exact
     other_jobs, _ = store.list_jobs("other")
-    with pytest.raises(InvalidInput):  # another tenant's id is no cursor here
+    with pytest.raises(UnknownCursor):  # another tenant's id is no cursor here (404 on `after`)
         store.list_jobs("acme", after=other_jobs[0].id)
-    with pytest.raises(InvalidInput):
+    with pytest.raises(UnknownCursor):
         store.list_jobs("acme", after="ftjob-nope")
     assert store.list_jobs("nobody") == ([], False)
 
@@ -297,7 +297,7 @@ def test_events_order_and_cursor(store: Store):
     assert [e.message for e in page] == ["step 0"] and not more
     assert [e.id for e in store.all_events(job.id)] == [e.id for e in evs]
     assert store.all_events(job.id)[2].data == {"step": 2, "loss": 2.8}
-    with pytest.raises(InvalidInput):
+    with pytest.raises(UnknownCursor):
         store.list_events(other.id, after=evs[0].id)  # a cursor from another job
     with pytest.raises(NotFound):
         store.add_event("ftjob-000000000000000000000000", "x")

@@ -31,6 +31,23 @@ def request(prompt: str, adapter: str = "__base__", *, tenant: str = "t1", max_t
                              params=SamplingParams(max_tokens=max_tokens, **params), timeout_s=timeout_s)
 
 
+async def accepted_together(engine, reqs) -> list:
+    """Results (or exceptions) of reqs, decoding held until the engine accepted all of them
+    (at most one step ran before the last joined), so they share their first steps."""
+    import time
+
+    from harness import DecodeStepper
+
+    with DecodeStepper(engine._runner) as stepper:
+        tasks = [asyncio.create_task(engine.generate(r)) for r in reqs]
+        deadline = time.monotonic() + 120
+        while engine.stats()["running"] + engine.stats()["queue_depth"] < len(reqs):
+            assert time.monotonic() < deadline and not any(t.done() for t in tasks)
+            await asyncio.sleep(0.002)
+        stepper.open()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def engine_settings(data_dir: Path, base: Path, **kw) -> Settings:
     defaults = dict(data_dir=data_dir, base_model=str(base), load_in_4bit=False, max_batch_size=4,
                     max_seq_len=96, max_queue=256, adapter_gpu_budget_bytes=1 << 20, device="cpu",

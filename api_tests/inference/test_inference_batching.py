@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness import DecodeStepper
-from inference_helpers import (FIXTURE, PROMPTS, engine_settings, generate_with_ids, peft_greedy, publish,
+from inference_helpers import (FIXTURE, PROMPTS, accepted_together, engine_settings, generate_with_ids, peft_greedy, publish,
                                request, run, teacher_forced_batches)
 from service.core.domain import BASE_ADAPTER
 from service.core.registry import AdapterRegistry
@@ -195,6 +195,40 @@ def test_padded_static_decode_shapes_change_nothing(engine, monkeypatch):
     padded = run(_staggered(engine, reqs, [0, 0, 2, 0, 0]))
     assert [r.text for r in padded] == [r.text for r in exact]
     assert engine._runner.decode_buckets(2, 70, 5) == (4, 96, 8)  # 96 = max_seq_len cap
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_failing_decode_ends_only_its_own_request(engine, monkeypatch, padded):
+    """Mixed adapters, exact and padded (CUDA-graph) shapes: a decode step that raises because
+    of one row (here: the decoder refuses positions >= limit, as GPT-2 past its table) is
+    retried in parts; only that row's request fails, the others decode the tokens they
+    decode alone, seeded sampling included (the sampler did not move on the failed step)."""
+    monkeypatch.setattr(engine._runner, "pad_shapes", padded)
+    healthy = [request(PROMPTS[0], "a1", max_tokens=16), request(PROMPTS[1], BASE_ADAPTER, max_tokens=16),
+               request(PROMPTS[2], "a3", max_tokens=16, temperature=0.9, seed=11)]
+    culprit_prompt = " ".join([PROMPTS[1]] * 2)
+    limit = len(_render(engine.tokenizer, culprit_prompt)) + 3  # reached at its 4th decode step
+    for h in healthy:
+        assert len(_render(engine.tokenizer, h.messages[0].content)) + 16 <= limit
+    alone = [run(engine.generate(h)) for h in healthy]
+    assert all(a.completion_tokens > 4 for a in alone), [a.completion_tokens for a in alone]
+    failed_rows: list[int] = []
+
+    def refuse_positions(_module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        if positions is not None and positions.shape[-1] == 1 and int(positions.max()) >= limit:
+            failed_rows.append(positions.shape[0])
+            raise IndexError("index out of range in self")
+    handle = engine._runner.inner.register_forward_pre_hook(refuse_positions, with_kwargs=True)
+    try:
+        bad, *good = run(accepted_together(engine, [request(culprit_prompt, "a2", max_tokens=16), *healthy]))
+    finally:
+        handle.remove()
+    assert "decode failed: index out of range" in str(bad), bad
+    assert [(g.text, g.finish_reason) for g in good] == [(a.text, a.finish_reason) for a in alone]
+    # Refused first in the shared step, last alone (after its halves were retried).
+    assert max(failed_rows) == 4 and failed_rows[-1] == 1, failed_rows
+    assert engine.stats()["running"] == 0 and engine.stats()["queue_depth"] == 0
 
 
 def test_all_linear_targets_match_peft(tmp_path_factory, base_fp32, tokenizer):

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 import pytest
-from inference_helpers import engine_settings, request, run
+from inference_helpers import accepted_together, engine_settings, request, run
 from tiny_bases import build_base
 
 from service.core.domain import ChatMessage, GenerationRequest, SamplingParams
@@ -136,3 +136,50 @@ def test_a_failing_prefill_ends_only_its_own_request(gpt2, monkeypatch):
     assert busy.finish_reason in ("length", "stop")
     assert 2 in batches, f"the two requests were never prefilled together: {batches}"
     assert not gate.hold_timed_out
+
+
+DECODE_LIMIT = 28  # positions the failing hook below refuses in a decode step
+
+
+@pytest.fixture
+def decode_fails_past_limit(gpt2):
+    """The model itself raises (as GPT-2 did past its table) in any decode step holding a row
+    at position >= DECODE_LIMIT: the failure comes from one row's data, not from a stub.
+    Yields the row counts of the steps that raised."""
+    import torch
+    wpe = next(m for n, m in _modules(gpt2) if n.endswith("wpe") and isinstance(m, torch.nn.Embedding))
+    failed_rows: list[int] = []
+
+    def hook(_m, args):
+        positions = args[0]
+        if positions.shape[-1] == 1 and int(positions.max()) >= DECODE_LIMIT:
+            failed_rows.append(positions.shape[0])
+            raise IndexError("index out of range in self")
+    handle = wpe.register_forward_pre_hook(hook)
+    yield failed_rows
+    handle.remove()
+
+
+def test_a_failing_decode_ends_only_its_own_request(gpt2, decode_fails_past_limit):
+    from service.models import render_chat
+    healthy = [request("hello world", max_tokens=12), request("a red coat", max_tokens=12),
+               request("one line", max_tokens=12, temperature=0.8, seed=7)]
+    for h in healthy:  # none of them reaches the failing positions
+        n_prompt = len(render_chat(gpt2.tokenizer, [{"role": "user", "content": h.messages[0].content}]))
+        assert n_prompt + h.params.max_tokens <= DECODE_LIMIT
+    alone = [run(gpt2.generate(h)) for h in healthy]
+    assert decode_fails_past_limit == []
+    # Its 5th decode step reads position 28, while the others still need tokens.
+    assert all(a.completion_tokens > 5 for a in alone), [a.completion_tokens for a in alone]
+    culprit = request(_prompt(gpt2, DECODE_LIMIT - 4), max_tokens=12)
+    splits = gpt2.counters["decode_steps_split"]
+
+    bad, *good = run(accepted_together(gpt2, [culprit, *healthy]))
+    assert isinstance(bad, ServiceUnavailable) and "decode failed: index out of range" in str(bad)
+    assert [(g.text, g.finish_reason, g.completion_tokens) for g in good] == \
+        [(a.text, a.finish_reason, a.completion_tokens) for a in alone]
+    # Refused first in the step shared by all four, which was then split (the culprit
+    # refused again alone).
+    assert max(decode_fails_past_limit) == 4 and decode_fails_past_limit[-1] == 1, decode_fails_past_limit
+    assert gpt2.counters["decode_steps_split"] == splits + 1
+    assert run(gpt2.generate(healthy[0])).text == alone[0].text  # the engine keeps serving

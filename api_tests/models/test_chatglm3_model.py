@@ -97,3 +97,28 @@ def test_nf4_4bit_on_cpu_stays_close(converted, golden, fixture_dir, model_fp32)
     assert 0 < min(errs) and max(errs) < NF4_MAX_REL  # > 0: it really is quantized
     assert min(coss) > NF4_MIN_COS
     assert max(dq_errs) < NF4_VS_DEQUANT_MAX_REL
+
+
+def test_generate_with_max_new_tokens_does_not_warn_about_max_length(model_fp32, converted):
+    """The converted generation_config.json sets no max_length, so transformers' "Both
+    `max_new_tokens` and `max_length` seem to have been set" (once per generate call: per
+    evaluation batch in a worker) has no source."""
+    import json
+    import logging
+
+    assert "max_length" not in json.loads((converted / "generation_config.json").read_text())
+    seen: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = _Collect(logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        model_fp32.generate(torch.tensor([[5, 6, 7]]), attention_mask=torch.ones(1, 3, dtype=torch.long),
+                            do_sample=False, max_new_tokens=3, pad_token_id=0)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "max_length" in m], seen

@@ -124,6 +124,7 @@ def test_success_publishes_once_and_stores_metrics(world, store):
     assert done.result["metrics"] == {"train_loss": 1.0} and done.result["training"] == report.training()
     assert done.result["training"]["steps"] == 1
     assert done.result["adapter"] == {"name": name, "version": 1}
+    assert done.progress.phase == "publishing" and done.progress.eta_seconds == 0  # the last phase it was in
     _, manifest = AdapterRegistry(settings.resolved_registry_dir).resolve(TENANT, name)
     assert manifest.training == report.manifest_training() and manifest.metrics == {"train_loss": 1.0}
     assert manifest.job_id == job.id and manifest.base_model == "tiny"

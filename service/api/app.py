@@ -21,8 +21,9 @@ from service.api.deps import AppState
 from service.api.errors import install_error_handlers
 from service.api.metrics import ApiMetrics
 from service.api.queue import JobQueue
-from service.api.routes import adapters, chat, files, health, jobs, models, webhooks
+from service.api.routes import adapters, chat, files, health, jobs, keys, models, webhooks
 from service.api.uploads import clean_stale_parts
+from service.core.checkpoints import CheckpointModels
 from service.core.config import Settings, get_settings
 from service.core.domain import TENANT_PATTERN
 from service.core.errors import InvalidInput
@@ -72,7 +73,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     webhook_thread = None
     try:
         await to_thread.run_sync(_register_settings_keys, store, settings)
-        registry = AdapterRegistry(settings.resolved_registry_dir)
+        # Chat and the adapter routes also accept a checkpoint's fine_tuned_model_checkpoint.
+        registry = CheckpointModels(AdapterRegistry(settings.resolved_registry_dir), settings.jobs_dir,
+                                    store.get_job)
         queue = JobQueue(settings)
         metrics = ApiMetrics()
         engine_error: str | None = None
@@ -185,7 +188,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.tuneserve = None
     install_error_handlers(app)
-    for module in (files, jobs, chat, models, adapters, webhooks, health):
+    for module in (files, jobs, chat, models, adapters, webhooks, keys, health):
         app.include_router(module.router)
 
     # The dashboard: a static shell (no auth: it holds no data; it calls the API with a key).

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
+import typing
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import (
@@ -21,6 +23,7 @@ from service.core.errors import (
     QueueFull,
     TuneserveError,
     Unauthorized,
+    unknown_key_message,
 )
 
 log = logging.getLogger("tuneserve.api")
@@ -70,15 +73,67 @@ def _loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:
     return out or str(loc[0] if loc else "body")
 
 
-def validation_error(exc: RequestValidationError) -> InvalidInput:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (through Optional, list, Annotated, ...)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (model := _model_in(arg)) is not None:
+            return model
+    return None
+
+
+def _keys_at(body_model: type[BaseModel] | None, loc: list[Any]) -> list[str] | None:
+    """The keys the body model accepts at `loc` (the path of the unknown key), if it knows."""
+    model = body_model
+    for part in loc[:-1]:
+        if isinstance(part, int):  # a list index: same model
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None:
+        return None
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _malformed_json(err: dict[str, Any], body: Any) -> InvalidInput:
+    """FastAPI's json_invalid error ("loc": ["body", <char offset>]) said in words."""
+    loc = err.get("loc") or ()
+    pos = loc[-1] if loc and isinstance(loc[-1], int) else None
+    why = (err.get("ctx") or {}).get("error") or "malformed"
+    where = ""
+    if pos is not None:
+        where = f" at character {pos}"
+        if isinstance(body, (str, bytes)):
+            text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+            line = text.count("\n", 0, pos) + 1
+            column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+            where = f" at line {line}, column {column} (character {pos})"
+    return InvalidInput(f"the request body is not valid JSON: {why}{where}", param=None, code="invalid_json")
+
+
+def validation_error(exc: RequestValidationError, body_model: type[BaseModel] | None = None) -> InvalidInput:
     details = []
     for err in exc.errors():
-        param = _loc_to_param(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            return _malformed_json(err, getattr(exc, "body", None))
+        loc = list(err.get("loc", ()))
+        param = _loc_to_param(loc)
         msg = err.get("msg", "invalid value")
+        if err.get("type") == "extra_forbidden" and loc and loc[0] == "body":
+            known = _keys_at(body_model, loc[1:])
+            if known is not None:
+                msg = unknown_key_message(str(loc[-1]), known)
         details.append({"param": param, "message": msg})
     if not details:  # pragma: no cover - FastAPI always fills errors
         return InvalidInput("invalid request", param=None)
     return InvalidInput.from_problems(details)
+
+
+def _body_model(request: Request) -> type[BaseModel] | None:
+    """The pydantic model of the matched route's JSON body, if it has one."""
+    field = getattr(request.scope.get("route"), "body_field", None)
+    return _model_in(getattr(field, "type_", None) or getattr(getattr(field, "field_info", None), "annotation", None))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,7 +145,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return response_for(validation_error(exc))
+        return response_for(validation_error(exc, _body_model(request)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

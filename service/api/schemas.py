@@ -7,12 +7,18 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model, model_serializer
 
 from service.core.domain import (
     BASE_LEARNING_RATE,
+    MAX_METADATA_KEY_CHARS,
+    MAX_METADATA_KEYS,
+    MAX_METADATA_VALUE_CHARS,
+    SUFFIX_MAX_CHARS,
+    SUFFIX_PATTERN,
+    ApiKeyInfo,
     AdapterManifest,
     DatasetFormat,
     DatasetSource,
@@ -27,8 +33,11 @@ from service.core.domain import (
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEventType,
+    metrics_samples,
+    metrics_summary,
+    result_summary,
 )
-from service.core.webhooks import secret_hint
+from service.core.webhooks import MAX_URL_LENGTH, secret_hint
 
 # The organisation every object reports (tenants are internal and never echoed back).
 ORGANIZATION_ID = "org-tuneserve"
@@ -45,6 +54,11 @@ def unix(ts: datetime | None) -> int | None:
 def _num(value: float) -> int | float:
     # OpenAI reports n_epochs / batch_size as ints; keep fractions when they are real.
     return int(value) if float(value).is_integer() else float(value)
+
+
+def _non_null(extra: dict[str, Any]):
+    """json_schema_extra for an optional field: `extra` applies to its non-null branch."""
+    return lambda s: (s["anyOf"][0] if "anyOf" in s else s).update(extra)
 
 
 class ListResponse(BaseModel):
@@ -128,38 +142,100 @@ class FileDeleted(BaseModel):
 # ---------------------------------------------------------------------------------------
 # Fine-tuning jobs
 # ---------------------------------------------------------------------------------------
+def _hyperparameters_schema() -> dict[str, Any]:
+    """`hyperparameters` as TrainingSpec.from_hyperparameters reads it: TrainingSpec's own
+    fields (types, ranges, defaults: its JSON schema, not a copy) beside OpenAI's "auto" and
+    learning_rate_multiplier. Validation stays in TrainingSpec (every problem reported with the
+    request's others); this only states it."""
+    spec = TrainingSpec.model_json_schema()
+    props = dict(spec["properties"])
+    for key in ("n_epochs", "batch_size"):
+        props[key] = {"anyOf": [props[key], {"const": "auto"}], "default": props[key].get("default"),
+                      "title": props[key].get("title")}
+    props["learning_rate_multiplier"] = {
+        "anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1000}, {"const": "auto"}, {"type": "null"}],
+        "title": "Learning Rate Multiplier",
+        "description": f"OpenAI's name for the rate: learning_rate = {BASE_LEARNING_RATE:g} x this"}
+    return {
+        "type": "object", "properties": props, "additionalProperties": False,
+        "description": "Every key is optional. micro_batch_size must not exceed batch_size (16 when left "
+                       "out); max_steps, when given, wins over n_epochs.",
+        # A numeric learning_rate_multiplier and a learning_rate name the same thing.
+        "not": {"required": ["learning_rate", "learning_rate_multiplier"],
+                "properties": {"learning_rate_multiplier": {"type": "number"}}},
+    }
+
+
+_HYPERPARAMETERS = WithJsonSchema({"anyOf": [_hyperparameters_schema(), {"type": "null"}]})
+
+
 class SupervisedMethodIn(BaseModel):
-    hyperparameters: dict[str, Any] | None = None
+    hyperparameters: Annotated[dict[str, Any] | None, _HYPERPARAMETERS] = None
 
 
 class MethodIn(BaseModel):
-    """OpenAI's `method`; only supervised fine-tuning exists here."""
-    type: str
+    """OpenAI's `method`; only supervised fine-tuning exists here (routes/jobs.py says so for
+    any other type, which the schema's enum states)."""
+    type: str = Field(json_schema_extra={"enum": ["supervised"]})
     supervised: SupervisedMethodIn | None = None
     dpo: dict[str, Any] | None = None
     reinforcement: dict[str, Any] | None = None
 
 
+def _spec_field_schema(name: str) -> WithJsonSchema:
+    """A top-level key that lands in TrainingSpec (seed): its schema, or null."""
+    field = dict(TrainingSpec.model_json_schema()["properties"][name])
+    field.pop("default", None)
+    return WithJsonSchema({"anyOf": [field, {"type": "null"}]})
+
+
+# Exactly one training source, at most one validation source (null counts as absent).
+_ONE_TRAINING_SOURCE = {
+    "oneOf": [{"required": ["training_file"], "properties": {"training_file": {"type": "string", "minLength": 1}}},
+              {"required": ["training_dataset"], "properties": {"training_dataset": {"type": "object"}}}],
+    "not": {"anyOf": [
+        {"required": ["validation_file", "validation_dataset"],
+         "properties": {"validation_file": {"type": "string", "minLength": 1},
+                        "validation_dataset": {"type": "object"}}},
+        # hyperparameters at the top level or in method.supervised, not both
+        {"required": ["hyperparameters", "method"],
+         "properties": {"hyperparameters": {"type": "object"},
+                        "method": {"type": "object", "required": ["supervised"], "properties": {"supervised": {
+                            "type": "object", "required": ["hyperparameters"],
+                            "properties": {"hyperparameters": {"type": "object"}}}}}}},
+    ]},
+}
+
+
 class JobCreate(BaseModel):
     """POST /v1/fine_tuning/jobs. Shapes are checked here; meaning (files exist, model is
-    ours, hyperparameters in range, ...) is checked together in routes/jobs.py so that one
-    answer lists every problem."""
-    model_config = ConfigDict(extra="forbid")
+    ours, hyperparameters in range, ...) is checked together in serving_jobs.py so that one
+    answer lists every problem. The schema states those rules too, so the spec says what is
+    accepted (all but what lives on the server: which model, files and dataset paths exist)."""
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_ONE_TRAINING_SOURCE)
 
-    model: str = Field(max_length=512)
-    training_file: str | None = Field(default=None, max_length=128)
+    model: str = Field(max_length=512, description="this service's base model (GET /v1/models, kind base)")
+    training_file: str | None = Field(default=None, max_length=128,
+                                      description="an uploaded file of purpose fine-tune; or training_dataset")
     validation_file: str | None = Field(default=None, max_length=128)
     # ours: a dataset the `datasets` library loads instead of an uploaded file
-    training_dataset: DatasetSource | None = None
+    training_dataset: DatasetSource | None = Field(
+        default=None, description="instead of training_file: a hub dataset id, or an absolute path inside the "
+                                  "server's dataset directories (TUNESERVE_DATASET_ROOTS)")
     validation_dataset: DatasetSource | None = None
     # OpenAI keys (n_epochs, batch_size, learning_rate_multiplier: number or "auto") and ours
     # (max_steps, learning_rate, lora_r, ... see TrainingSpec) side by side.
-    hyperparameters: dict[str, Any] | None = None
+    hyperparameters: Annotated[dict[str, Any] | None, _HYPERPARAMETERS] = None
     method: MethodIn | None = None
-    suffix: str | None = Field(default=None, max_length=64)
-    seed: int | None = None
-    metadata: dict[str, str] | None = None
-    integrations: list[dict[str, Any]] | None = None
+    suffix: str | None = Field(default=None, max_length=64, json_schema_extra=_non_null(
+        {"maxLength": SUFFIX_MAX_CHARS, "pattern": SUFFIX_PATTERN}))
+    seed: Annotated[int | None, _spec_field_schema("seed")] = None
+    metadata: dict[str, str] | None = Field(default=None, json_schema_extra=_non_null(
+        {"maxProperties": MAX_METADATA_KEYS, "propertyNames": {"maxLength": MAX_METADATA_KEY_CHARS},
+         "additionalProperties": {"type": "string", "maxLength": MAX_METADATA_VALUE_CHARS}}))
+    integrations: list[dict[str, Any]] | None = Field(
+        default=None, description="not supported: leave out, null or []",
+        json_schema_extra=_non_null({"maxItems": 0}))
 
 
 class OpenAIHyperparameters(BaseModel):
@@ -231,7 +307,7 @@ class JobPublic(BaseModel):
             estimated_finish=estimated, started_at=unix(job.started_at),
             cancel_requested=job.cancel_requested,
             training_dataset=job.training_dataset, validation_dataset=job.validation_dataset,
-            progress=job.progress, spec=spec, result=job.result,
+            progress=job.progress, spec=spec, result=result_summary(job.result),
         )
 
 
@@ -317,8 +393,14 @@ class _AdapterPublicBase(BaseModel):
     created_at: int
 
     @classmethod
-    def from_domain(cls, m: AdapterManifest) -> "AdapterPublic":
-        return cls(id=m.model_id, created_at=unix(m.created_at), **m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS)))
+    def from_domain(cls, m: AdapterManifest, base_model: str | None = None) -> "AdapterPublic":
+        """`base_model`: the base's public id when the caller knows it (older manifests may
+        hold a host path)."""
+        fields = m.model_dump(include=set(_ADAPTER_PUBLIC_FIELDS))
+        if base_model:
+            fields["base_model"] = base_model
+        fields["metrics"] = metrics_summary(fields.get("metrics"))  # the rows: /v1/adapters/{name}/samples
+        return cls(id=m.model_id, created_at=unix(m.created_at), **fields)
 
 
 # The manifest's own field definitions (types, defaults), so the two cannot drift apart.
@@ -330,6 +412,30 @@ AdapterPublic = create_model(
 
 class AdapterList(ListResponse):
     data: list[AdapterPublic]
+
+
+class SamplePublic(BaseModel):
+    """One evaluation prompt: the reference reply, the base model's and the adapter's (greedy)."""
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    reference: str = ""
+    base: str = ""
+    adapter: str = ""
+
+
+class SampleList(ListResponse):
+    """The before/after table of a job's evaluation (ours; lists and job views carry only scores)."""
+    data: list[SamplePublic]
+    split: str | None = None
+    n_samples: int = 0
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, Any] | None, limit: int | None = None) -> "SampleList":
+        rows = metrics_samples(metrics)
+        quality = (metrics or {}).get("quality") if isinstance((metrics or {}).get("quality"), dict) else {}
+        shown = rows[:limit] if limit is not None else rows
+        return cls(data=[SamplePublic.model_validate(r) for r in shown], has_more=len(shown) < len(rows),
+                   split=quality.get("split"), n_samples=len(rows))
 
 
 class AdapterDeleted(BaseModel):
@@ -345,21 +451,31 @@ class AdapterDeleted(BaseModel):
 _PRINTABLE = r"^[^\x00-\x1f\x7f]+$"  # no control characters (PostgreSQL refuses NUL in text)
 
 
+# The types serving_webhooks accepts (runtime fields stay `str`: an unsupported type is refused
+# naming it there, not by pydantic); the schema states the enum.
+_EVENT_TYPE = {"type": "string", "enum": [t.value for t in WebhookEventType]}
+# What core.webhooks.check_url_shape accepts, as a pattern (ASCII hosts; a port 0..65535): http(s),
+# a host, no credentials, no spaces or control characters. In production a host must also resolve
+# to public addresses (TUNESERVE_WEBHOOK_ALLOW_PRIVATE_URLS), which no schema can state.
+_URL = {"pattern": r"^https?://[A-Za-z0-9.-]+(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}"
+                   r"|[1-5][0-9]{4}|[0-9]{1,4}))?([/?#][\x21-\x7e]*)?$", "maxLength": MAX_URL_LENGTH}
+
+
 class WebhookEndpointCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # str, not the enum: an unsupported type is refused naming it (serving_webhooks), not by pydantic.
-    event_types: list[str] = Field(min_length=1, max_length=32)
+    event_types: list[str] = Field(min_length=1, max_length=32, json_schema_extra={"items": _EVENT_TYPE})
     name: str = Field(min_length=1, max_length=256, pattern=_PRINTABLE)
-    url: str = Field(min_length=1, max_length=4096)
+    url: str = Field(min_length=1, max_length=4096, json_schema_extra=_URL)
 
 
 class WebhookEndpointUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    event_types: list[str] | None = Field(default=None, min_length=1, max_length=32)
+    event_types: list[str] | None = Field(default=None, min_length=1, max_length=32,
+                                          json_schema_extra=_non_null({"items": _EVENT_TYPE}))
     name: str | None = Field(default=None, min_length=1, max_length=256, pattern=_PRINTABLE)
-    url: str | None = Field(default=None, min_length=1, max_length=4096)
+    url: str | None = Field(default=None, min_length=1, max_length=4096, json_schema_extra=_non_null(_URL))
 
 
 class WebhookRotateSecret(BaseModel):
@@ -371,7 +487,7 @@ class WebhookRotateSecret(BaseModel):
 class WebhookTestCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    event_type: str = Field(max_length=128)
+    event_type: str = Field(max_length=128, json_schema_extra=_EVENT_TYPE)
 
 
 class WebhookEndpointPublic(BaseModel):
@@ -466,6 +582,11 @@ class WebhookDeliveryList(ListResponse):
 # ---------------------------------------------------------------------------------------
 # Chat
 # ---------------------------------------------------------------------------------------
+# 2**63 - 1 has no double: a client (or fuzzer) holding numbers as doubles sends 2**63 for it,
+# which the server refuses. The spec states the largest seed every JSON reader keeps exactly below it.
+_SEED_SCHEMA = _non_null({"maximum": 2**63 - 1024})
+
+
 class ContentPart(BaseModel):
     type: Literal["text"]
     text: str = Field(max_length=1_000_000)
@@ -499,7 +620,7 @@ class ChatCompletionCreate(BaseModel):
     top_k: int | None = Field(default=None, ge=0, le=100_000)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, json_schema_extra=_SEED_SCHEMA)
     n: int | None = Field(default=None, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -605,7 +726,7 @@ class SimpleChatCreate(BaseModel):
     max_new_tokens: int = Field(default=256, ge=1, le=32768)
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_p: float = Field(default=0.8, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, json_schema_extra=_SEED_SCHEMA)
 
 
 class SimpleChatResponse(BaseModel):
@@ -614,3 +735,36 @@ class SimpleChatResponse(BaseModel):
     usage: Usage
     model: str
     finish_reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# API keys of the caller's tenant (ours; the operator's `tuneserve keys` works on every tenant)
+# ---------------------------------------------------------------------------------------
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=128, pattern=_PRINTABLE)
+
+
+class ApiKeyPublic(BaseModel):
+    """A key as listed: its first characters only (only a hash of the whole key is stored)."""
+    id: str
+    object: Literal["api_key"] = "api_key"
+    name: str | None = None
+    prefix: str
+    created_at: int
+    revoked_at: int | None = None
+
+    @classmethod
+    def from_domain(cls, k: ApiKeyInfo) -> "ApiKeyPublic":
+        return cls(id=k.id, name=k.name, prefix=k.prefix, created_at=unix(k.created_at) or 0,
+                   revoked_at=unix(k.revoked_at))
+
+
+class ApiKeyWithSecret(ApiKeyPublic):
+    """Create only: the one time the whole key is shown."""
+    key: str
+
+
+class ApiKeyList(ListResponse):
+    data: list[ApiKeyPublic]

@@ -28,6 +28,7 @@ from service.api.schemas import (
     finish_reason,
 )
 from service.core.domain import BASE_ADAPTER, ChatMessage, GenerationRequest, GenerationResult, SamplingParams
+from service.api.serving_jobs import job_id_as_model_hint
 from service.core.errors import InvalidInput, NotFound, TuneserveError
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class ServingChat:
     def __init__(self, state: "AppState", engine: Any):
         self.engine = engine
         self.registry = state.registry
+        self.store = state.store
         self.base = state.base_model
         self.metrics = state.metrics
         self.timeout_s = state.settings.request_timeout_s
@@ -117,8 +119,9 @@ class ServingChat:
         except (NotFound, InvalidInput):  # a name that cannot exist is as unknown as one that does not
             version = None
         if version is None:
-            raise NotFound(f"model {model!r} does not exist (base model: {self.base.public_id!r})",
-                           param=param, code="model_not_found")
+            hint = await to_thread.run_sync(job_id_as_model_hint, self.store, tenant, model)
+            raise NotFound(f"model {model!r} does not exist (base model: {self.base.public_id!r})"
+                           + (f"; {hint}" if hint else ""), param=param, code="model_not_found")
         return model, version
 
     def _request(self, tenant: str, adapter: tuple[str, int | None], messages: list[ChatMessage],

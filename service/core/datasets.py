@@ -150,7 +150,11 @@ def row_problem(row: Any, fmt: DatasetFormat) -> tuple[str, str] | None:
 
 
 class DatasetValidator:
-    """Validates an uploaded JSONL file chunk by chunk, keeping at most one line in memory."""
+    """Validates an uploaded JSONL file chunk by chunk, keeping at most one line in memory.
+    A bad line does not stop it: finish() refuses the file listing the first
+    MAX_REPORTED_LINES bad lines and how many there are (size and row limits stop it at once)."""
+
+    MAX_REPORTED_LINES = 20
 
     def __init__(self, *, max_bytes: int, max_rows: int, max_line_bytes: int, max_depth: int):
         self.max_bytes = max_bytes
@@ -163,11 +167,15 @@ class DatasetValidator:
         self._format_line = 0
         self._line_no = 0  # number of the last complete line processed
         self._buf = bytearray()
+        self._skipping = False  # inside a line already refused as too long: drop it up to its end
         self._finished = False
+        self.problems: list[dict[str, Any]] = []  # the first MAX_REPORTED_LINES {"line", "field", "message"}
+        self.bad_lines = 0
 
-    def _error(self, line: int, field: str, message: str) -> InvalidInput:
-        return InvalidInput(f"line {line}: {message}", param="file",
-                            details=[{"line": line, "field": field, "message": message}])
+    def _bad(self, line: int, field: str, message: str) -> None:
+        self.bad_lines += 1
+        if len(self.problems) < self.MAX_REPORTED_LINES:
+            self.problems.append({"line": line, "field": field, "message": message})
 
     def feed(self, chunk: bytes) -> None:
         if self._finished:
@@ -178,58 +186,81 @@ class DatasetValidator:
         self._buf += chunk
         start = 0
         while (nl := self._buf.find(b"\n", start)) != -1:
-            self._line(bytes(self._buf[start:nl]))
+            if self._skipping:
+                self._skipping = False
+                self._line_no += 1
+            else:
+                self._line(bytes(self._buf[start:nl]))
             start = nl + 1
         del self._buf[:start]
         if len(self._buf) > self.max_line_bytes:  # refuse before buffering an endless line
-            raise self._error(self._line_no + 1, "", f"line longer than {self.max_line_bytes} bytes")
+            if not self._skipping:
+                self._bad(self._line_no + 1, "", f"line longer than {self.max_line_bytes} bytes")
+                self._skipping = True
+            self._buf.clear()
 
     def _line(self, raw: bytes) -> None:
         self._line_no += 1
-        n = self._line_no
+        problem = self._row_problem(self._line_no, raw)
+        if problem is not None:
+            self._bad(self._line_no, *problem)
+
+    def _row_problem(self, n: int, raw: bytes) -> tuple[str, str] | None:
+        """(field, message) of what is wrong with line n, or None (a blank line, a good row)."""
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte order mark
             raw = raw[3:]
         if len(raw) > self.max_line_bytes:
-            raise self._error(n, "", f"line longer than {self.max_line_bytes} bytes")
+            return "", f"line longer than {self.max_line_bytes} bytes"
         if not raw.strip():
-            return
+            return None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise self._error(n, "", f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+            return "", f"not valid UTF-8 (byte {exc.start + 1} of the line)"
         if json_depth_exceeds(raw, self.max_depth):
-            raise self._error(n, "", f"JSON nested deeper than {self.max_depth} levels")
+            return "", f"JSON nested deeper than {self.max_depth} levels"
         try:
             row = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise self._error(n, "", f"not valid JSON ({exc})") from None
+            return "", f"not valid JSON ({exc})"
         if not isinstance(row, dict):
-            raise self._error(n, "", "must be a JSON object")
+            return "", "must be a JSON object"
         if (problem := _surrogate_problem(raw, row)) is not None:
-            raise self._error(n, *problem)
+            return problem
         if self.format is None:
             fmt = detect_format(row)
             if fmt is None:
-                raise self._error(n, "", f"unknown format: {_FORMAT_HINT}")
+                return "", f"unknown format: {_FORMAT_HINT}"
             self.format, self._format_line = fmt, n
         elif detect_format(row) is not self.format:
-            raise self._error(n, "", f"every row must have the format of line {self._format_line} "
-                                     f"({self.format.value}); {_FORMAT_HINT}")
+            return "", (f"every row must have the format of line {self._format_line} "
+                        f"({self.format.value}); {_FORMAT_HINT}")
         problem = row_problem(row, self.format)
         if problem is not None:
-            raise self._error(n, *problem)
+            return problem
         self.rows += 1
         if self.rows > self.max_rows:
             raise PayloadTooLarge(f"file has more than {self.max_rows} rows", param="file")
+        return None
+
+    def _refusal(self) -> InvalidInput:
+        shown = self.problems
+        listed = "; ".join(f"line {p['line']}: {p['message']}" for p in shown[:3])
+        if self.bad_lines == 1:
+            return InvalidInput(listed, param="file", details=shown)
+        more = f"; ... (the first {len(shown)} are in error.details)" if self.bad_lines > 3 else ""
+        return InvalidInput(f"{self.bad_lines} lines are invalid: {listed}{more}", param="file", details=shown)
 
     def finish(self) -> tuple[DatasetFormat, int]:
         if not self._finished:
             self._finished = True
-            if self._buf:
+            if self._buf and not self._skipping:
                 rest, self._buf = bytes(self._buf), bytearray()
                 self._line(rest)
+        if self.bad_lines:
+            raise self._refusal()
         if self.format is None or self.rows == 0:
             raise InvalidInput("the file has no rows", param="file",
                                details=[{"line": 1, "field": "", "message": "the file has no rows"}])

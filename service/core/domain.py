@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, unknown_key_message
 
 # Named sentinel for "no adapter, the base model" (never None).
 BASE_ADAPTER = "__base__"
@@ -72,6 +72,11 @@ class JobError(BaseModel):
     param: str | None = None
 
 
+# What a running job is doing: optimizer steps, then evaluation (validation loss, then greedy
+# replies of the base and of the adapter on the evaluation prompts), then publishing the adapter.
+JobPhase = Literal["training", "evaluating", "publishing"]
+
+
 class JobProgress(BaseModel):
     step: int = 0
     total_steps: int | None = None
@@ -81,7 +86,20 @@ class JobProgress(BaseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     label_tokens_per_second: float | None = None
+    # Seconds until the job ends: the rest of training, plus evaluation (estimated from a timed
+    # probe before training, then measured while it runs), plus publishing.
     eta_seconds: float | None = None
+    phase: JobPhase | None = None
+    # While evaluating: replies generated so far of eval_total (base and adapter, one per prompt each).
+    eval_done: int | None = None
+    eval_total: int | None = None
+
+    @property
+    def phase_text(self) -> str | None:
+        """`training`, `evaluating 12/100`, `publishing` (None before the first report)."""
+        if self.phase == "evaluating" and self.eval_total:
+            return f"evaluating {self.eval_done or 0}/{self.eval_total}"
+        return self.phase
 
 
 # ---------------------------------------------------------------------------------------
@@ -107,6 +125,10 @@ class DatasetSource(BaseModel):
     max_rows: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
+MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_.]{0,127}"  # a LoRA target module's name
+MAX_TARGET_MODULES = 64
+
+
 class TrainingSpec(BaseModel):
     """Everything a training run needs besides data and base model. Units are explicit."""
     model_config = ConfigDict(extra="forbid")
@@ -126,7 +148,9 @@ class TrainingSpec(BaseModel):
     lora_r: int = Field(default=8, ge=1, le=512)
     lora_alpha: float = Field(default=32.0, gt=0, le=4096)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | None = None  # None = family default
+    # None = family default. The rule is the validator's below; the schema states it too.
+    lora_target_modules: list[str] | None = Field(default=None, json_schema_extra=lambda s: s["anyOf"][0].update(
+        minItems=1, maxItems=MAX_TARGET_MODULES, items={"type": "string", "pattern": f"^{MODULE_NAME}$"}))
 
     load_in_4bit: bool = True  # QLoRA: NF4 + double quant
     gradient_checkpointing: bool | Auto = "auto"
@@ -149,10 +173,10 @@ class TrainingSpec(BaseModel):
     def _targets(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        if not value or len(value) > 64:
-            raise ValueError("must list 1..64 module names")
+        if not value or len(value) > MAX_TARGET_MODULES:
+            raise ValueError(f"must list 1..{MAX_TARGET_MODULES} module names")
         for name in value:
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]{0,127}", name):
+            if not re.fullmatch(MODULE_NAME, name):
                 raise ValueError(f"invalid module name {name!r}")
         return value
 
@@ -193,13 +217,19 @@ class TrainingSpec(BaseModel):
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(p) for p in err["loc"])
-                problems.append({"param": f"{param_prefix}.{loc}" if loc else param_prefix,
-                                 "message": err["msg"]})
+                message = err["msg"]
+                if err["type"] == "extra_forbidden":
+                    message = unknown_key_message(str(err["loc"][-1]), HYPERPARAMETER_KEYS)
+                problems.append({"param": f"{param_prefix}.{loc}" if loc else param_prefix, "message": message})
             spec = None
         if problems:
             raise InvalidInput.from_problems(problems)
         assert spec is not None
         return spec
+
+
+# Every key `hyperparameters` may hold: TrainingSpec's fields and OpenAI's multiplier.
+HYPERPARAMETER_KEYS = frozenset(TrainingSpec.model_fields) | {"learning_rate_multiplier"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,11 +309,50 @@ class AdapterManifest(AdapterDraft):
         return self.name
 
 
+# The before/after table (prompt, reference, base reply, adapter reply per evaluation prompt)
+# lives at metrics["quality"][SAMPLES_KEY]: 40-50 rows, tens of KB. Lists and job views carry
+# the summary; the rows have their own routes (/samples).
+SAMPLES_KEY = "before_after"
+
+
+def metrics_summary(metrics: dict[str, Any] | None) -> dict[str, Any]:
+    """`metrics` without the before/after rows (scores, n_samples and the rest kept)."""
+    out = dict(metrics or {})
+    quality = out.get("quality")
+    if isinstance(quality, dict) and SAMPLES_KEY in quality:
+        out["quality"] = {k: v for k, v in quality.items() if k != SAMPLES_KEY}
+    return out
+
+
+def metrics_samples(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The before/after rows of `metrics` ([] when there was no evaluation)."""
+    quality = (metrics or {}).get("quality")
+    rows = quality.get(SAMPLES_KEY) if isinstance(quality, dict) else None
+    return list(rows) if isinstance(rows, list) else []
+
+
+def result_summary(result: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's result with its metrics summarised (metrics_summary)."""
+    out = dict(result or {})
+    if isinstance(out.get("metrics"), dict):
+        out["metrics"] = metrics_summary(out["metrics"])
+    return out
+
+
 # A suffix ends up inside `ft-<suffix>-<12-char job tail>`, which must stay a NAME_PATTERN name
 # (63 characters at most) whatever the tail: 63 - len("ft-") - len("-") - 12 = 47; 45 leaves
 # room and is the documented limit.
 SUFFIX_MAX_CHARS = 45
 SUFFIX_RULE = f"lowercase letters, digits, '-', '_' or '.', start alphanumeric, at most {SUFFIX_MAX_CHARS} characters"
+
+
+# A job's metadata (OpenAI's limits).
+MAX_METADATA_KEYS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+# SUFFIX_RULE as a JSON-schema pattern (with SUFFIX_MAX_CHARS as maxLength), for the spec.
+SUFFIX_PATTERN = r"^(?!.*\.\.)[a-z0-9][a-z0-9_.-]*$"
 
 
 def suffix_problem(suffix: str) -> str | None:

@@ -2,6 +2,8 @@
 {"error": {"message", "type", "param", "code"}} with the status code they carry."""
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -51,6 +53,13 @@ class NotFound(TuneserveError):
     status_code = 404
     type = "invalid_request_error"
     code = "not_found"
+
+
+class UnknownCursor(NotFound):
+    """A list's `after` names none of its objects (unknown, deleted, or another tenant's)."""
+
+    def __init__(self, what: str, after: str):
+        super().__init__(f"after: no {what} {after!r} in this list", param="after")
 
 
 class Conflict(TuneserveError):
@@ -112,3 +121,13 @@ class Cancelled(TuneserveError):
     status_code = 409
     type = "invalid_request_error"
     code = "cancelled"
+
+
+def unknown_key_message(key: str, known: Iterable[str]) -> str:
+    """What to tell a client who sent a key no schema has: the closest known one, if any (a
+    typo such as n_epoch), else every key accepted there."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key {key!r}: did you mean {close[0]}?"
+    return f"unknown key {key!r} (accepted: {', '.join(known)})"

@@ -8,6 +8,7 @@ or hold sessions.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import secrets
@@ -46,10 +47,13 @@ from service.core.domain import (
     WebhookEventType,
     can_transition,
 )
-from service.core.errors import Conflict, InvalidInput, NotFound
+from service.core.errors import Conflict, InvalidInput, NotFound, UnknownCursor
+from service.logging import JOB_LOGGER
 
 # Integer on SQLite so the primary key aliases rowid (autoincrement); BIGINT elsewhere.
 _SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+_job_log = logging.getLogger(JOB_LOGGER)
 
 
 def utcnow() -> datetime:
@@ -222,7 +226,7 @@ def _newest_first_page(session, row_type, scope, after: str | None, limit: int, 
         cursor = session.execute(
             sa.select(row_type.seq).where(row_type.id == after, scope)).scalar_one_or_none()
         if cursor is None:
-            raise InvalidInput(f"after: {after!r} is no {what}", param="after")
+            raise UnknownCursor(what, after)
         q = q.where(row_type.seq < cursor)
     rows = list(session.execute(q.order_by(row_type.seq.desc()).limit(limit + 1)).scalars())
     return rows[:limit], len(rows) > limit
@@ -486,7 +490,9 @@ class Store:
         with self._write() as s:
             s.add(row)
             s.flush()
-            return _job(row)
+            job = _job(row)
+        _job_log.info("job %s: created (%s)", job.id, job.status.value, extra={"job_id": job.id})
+        return job
 
     def create_job_once(self, *, idempotency_key: str, fingerprint: str, tenant: str, **job: Any) -> tuple[Job, bool]:
         """create_job, unless this tenant already created a job with `idempotency_key`: then that
@@ -573,11 +579,18 @@ class Store:
                 # between (possible where FOR UPDATE is not available) makes rowcount 0.
                 res = s.execute(sa.update(JobRow).where(JobRow.id == job_id, JobRow.status == old.value)
                                 .values(**values).execution_options(synchronize_session=False))
+                done = None
                 if res.rowcount == 1:
                     self._outbox_job_event(s, row.tenant, job_id, new, now)
                     s.flush()
                     s.expire(row)
-                    return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+                    done = _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+            if done is not None:  # committed: say so (the one line per transition `make run` shows)
+                _job_log.info("job %s: %s -> %s%s", job_id, old.value, new.value,
+                              f" ({done.fine_tuned_model})" if new is JobStatus.succeeded and done.fine_tuned_model
+                              else f" ({done.error.code}: {done.error.message})" if done.error and new.is_final
+                              else "", extra={"job_id": job_id, "status": new.value})
+                return done
             time.sleep(0.01)
         raise Conflict(f"job {job_id}: status changed concurrently, giving up", param="status",
                        code="invalid_transition")
@@ -654,7 +667,10 @@ class Store:
                 self._outbox_job_event(s, row.tenant, job_id, JobStatus.cancelled, now)
             s.flush()
             s.expire(row)
-            return _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+            job = _job(s.execute(sa.select(JobRow).where(JobRow.id == job_id)).scalar_one())
+        _job_log.info("job %s: %s", job_id, f"{status.value} -> cancelled" if job.status is JobStatus.cancelled
+                      else "cancel requested (stops at its next step)", extra={"job_id": job_id})
+        return job
 
     def is_cancel_requested(self, job_id: str) -> bool:
         with self._read() as s:

@@ -13,6 +13,10 @@ Threads and ownership:
   before the host waits for step N's ids, which arrive in pinned memory without a sync;
   so the host's per-token work (emitting, detokenizing) overlaps the GPU's next step. A row
   that ended at step N costs one wasted row in step N+1, whose output is dropped.
+  A failure ends only its own request: a batched prefill that raises is redone request by
+  request, a decode step that raises is redone on halves of its rows (then quarters, ...).
+  (Host-side errors only: on CUDA a device-side assert poisons the context for everyone, so
+  admission keeps positions inside the model's table instead.)
 
 Usage (see GenerationStream for the streaming contract):
 
@@ -459,13 +463,23 @@ class InferenceEngine:
         max_pos = max(len(r.prompt_ids) + r.n_launched - 1 for r in reqs)
         max_col = max((r.lease.entry.hw for r in self._running.values() if r.lease), default=0)
         nb, kv_len, hw = runner.decode_buckets(max(self._running), max_pos, max_col)
+        n = len(slots)
+        idx = self._slots_tensor(slots)
         try:
             logits = runner.decode(nb, kv_len, hw)
-            n = len(slots)
-            idx = self._slots_tensor(slots)
             # Rows 0..n-1 (the common case: requests take the lowest free slots): no gather.
             rows_logits = logits[:n] if slots[-1] == n - 1 else logits[idx]
             tokens = runner.sampler.sample(rows_logits, idx, slots)
+        except Exception as exc:
+            log.exception("decode step of %d request(s) failed", n)
+            rows, tokens = self._decode_in_parts(rows, exc)
+            if not rows:
+                return None
+            slots = [s for s, _ in rows]
+            reqs = [r for _, r in rows]
+            n = len(slots)
+            idx = self._slots_tensor(slots)
+        try:
             runner.sampler.after_step(idx, tokens, slots)
             runner.advance(idx, tokens)
             host = runner.host_tokens[self._step_no % 2][:n]
@@ -487,6 +501,40 @@ class InferenceEngine:
         self.counters["decode_steps"] += 1
         self.counters["decode_rows"] += len(reqs)
         return _Step(list(zip(slots, reqs)), host, event)
+
+    def _decode_in_parts(self, rows: list, exc: Exception) -> tuple[list, Any]:
+        """A failed decode step again, for halves of its rows (then quarters, ...): a row
+        that fails alone fails its request, every other row gets the token it would have had
+        in the whole step (same inputs; the retried forward rewrites the same KV positions,
+        and nothing of the sampler or the step buffers had moved). Returns the surviving
+        (slot, request) rows in slot order and their sampled ids."""
+        if len(rows) == 1:
+            self._fail(rows[0][1], ServiceUnavailable(f"decode failed: {exc}"))
+            return [], None
+        runner = self._runner
+        self.counters["decode_steps_split"] += 1
+        done: dict[int, Any] = {}  # slot -> sampled id (0-d device tensor)
+        parts = [rows[len(rows) // 2:], rows[: len(rows) // 2]]
+        while parts:
+            part = parts.pop()
+            slots = [s for s, _ in part]
+            try:
+                idx = self._slots_tensor(slots)
+                hw = max((r.lease.entry.hw for _, r in part if r.lease), default=0)
+                tokens = runner.sampler.sample(runner.decode_slots(idx, hw), idx, slots)
+            except Exception as part_exc:
+                if len(part) > 1:
+                    parts += [part[len(part) // 2:], part[: len(part) // 2]]
+                    continue
+                log.warning("decode failed for request %s alone: %s", part[0][1].id, part_exc)
+                self._fail(part[0][1], ServiceUnavailable(f"decode failed: {part_exc}"))
+                continue
+            done.update(zip(slots, tokens))
+        kept = [(s, r) for s, r in rows if s in done]
+        if not kept:
+            return [], None
+        import torch
+        return kept, torch.stack([done[s] for s, _ in kept])
 
     def _complete(self, step: "_Step") -> None:
         """Read a launched step's ids (waiting for the GPU if needed) and deliver them."""

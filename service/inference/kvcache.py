@@ -17,6 +17,8 @@ attends to whatever it returns, under the 4-D additive mask we pass (transformer
 * decode: row i is slot i (rows 0..nb-1, one new token each at its own position). The
   token's key/value is written at (slot, pos) and the slot tensors' first `kv_len`
   positions are returned as views (no copy); the mask hides positions > pos.
+  `plan_decode(..., slots=)` decodes chosen slots only (row i is slots[i]; the KV is
+  gathered, a copy): the engine's retry of a failed step on part of its batch.
 
 All writes are index_put_ with device tensors, so the decode step has static shapes and
 no host sync: it can be captured in a CUDA graph.
@@ -45,6 +47,7 @@ class SlotKVCache:
         self.prefill_slots: torch.Tensor | None = None  # [n]
         self.prefill_pos: torch.Tensor | None = None    # [n, T]
         self.decode_pos: torch.Tensor | None = None     # [nb]
+        self.decode_slots: torch.Tensor | None = None   # [nb]; None = slots 0..nb-1
         self.kv_len = max_seq_len
 
     @property
@@ -57,10 +60,11 @@ class SlotKVCache:
         self.prefill_slots = slots
         self.prefill_pos = positions
 
-    def plan_decode(self, positions: torch.Tensor, kv_len: int) -> None:
+    def plan_decode(self, positions: torch.Tensor, kv_len: int, slots: torch.Tensor | None = None) -> None:
         self.mode = "decode"
         self.decode_pos = positions
         self.kv_len = kv_len
+        self.decode_slots = slots
 
     # --- the transformers Cache protocol ------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -73,9 +77,11 @@ class SlotKVCache:
             v_cache[rows, :, self.prefill_pos] = value_states.transpose(1, 2).to(v_cache.dtype)
             return key_states, value_states
         nb = key_states.shape[0]
-        rows = self._rows[:nb]
+        rows = self._rows[:nb] if self.decode_slots is None else self.decode_slots
         k_cache[rows, :, self.decode_pos] = key_states[:, :, 0].to(k_cache.dtype)
         v_cache[rows, :, self.decode_pos] = value_states[:, :, 0].to(v_cache.dtype)
+        if self.decode_slots is not None:
+            return k_cache[rows, :, : self.kv_len], v_cache[rows, :, : self.kv_len]
         return k_cache[:nb, :, : self.kv_len], v_cache[:nb, :, : self.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when no positions are given

@@ -275,6 +275,25 @@ class ModelRunner:
             self.ctx.mask = None
         return self.head(hidden[:, 0]).float()
 
+    def decode_slots(self, slots: torch.Tensor, hw: int) -> torch.Tensor:
+        """One token for the given slots only (eager, exact shapes): logits [n, V] float32.
+        The engine's fallback when a whole-batch step failed; a slot's row computes the same
+        values as in the batched step, whose writes (KV at each row's position) it repeats."""
+        pos = self.pos_buf[slots]
+        kv_len = int(pos.max()) + 1
+        self.cache.plan_decode(pos, kv_len, slots)
+        allowed = self._kv_arange[:kv_len][None, :] <= pos[:, None]
+        mask = torch.zeros(len(slots), 1, 1, kv_len, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed[:, None, None, :], self._min)
+        self.ctx.mask = self.slot_mask[slots, None, :hw] if hw else None
+        self.ctx.hw = hw
+        try:
+            hidden = self._forward(self.tok_buf[slots, None], mask, pos[:, None])
+        finally:
+            self.ctx.mask = None
+            self.cache.decode_slots = None
+        return self.head(hidden[:, 0]).float()
+
     def decode_buckets(self, max_slot: int, max_pos: int, max_col: int) -> tuple[int, int, int]:
         """(nb, kv_len, hw) for rows 0..max_slot, positions <= max_pos, columns < max_col."""
         if self.pad_shapes or self.use_graphs:

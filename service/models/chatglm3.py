@@ -30,7 +30,7 @@ STOP_TOKENS = ("</s>", "<|user|>", "<|observation|>")
 
 # Marker written into the converted config so model_family() recognises ChatGLM3 on GLM.
 SOURCE_MARKER_KEY = "tuneserve_converted_from"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: generation_config.json without max_length
 
 # Renders exactly what ChatGLM3's build_chat_input encodes: "[gMASK]sop", then per message
 # <|role|> + encode(metadata + "\n") + encode(content), then <|assistant|>. The special tokens
@@ -266,8 +266,10 @@ def _write_config(dst: Path, cfg: dict[str, Any], gcfg: dict[str, Any], tokenize
     config.architectures = ["GlmForCausalLM"]
     setattr(config, SOURCE_MARKER_KEY, "chatglm3")
     config.save_pretrained(dst)
-    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
-                     max_length=cfg.get("seq_length", 8192)).save_pretrained(dst)
+    # No max_length: every caller passes max_new_tokens, and a saved max_length makes transformers
+    # warn "Both max_new_tokens and max_length seem to have been set" on every generate call (the
+    # position limit is max_position_embeddings above).
+    GenerationConfig(eos_token_id=stop, pad_token_id=tokenizer.pad_token_id).save_pretrained(dst)
 
 
 def convert_chatglm3(src: Path, dst: Path,

@@ -46,8 +46,11 @@ def prompts_and_references(conversations: Sequence[Sequence[dict]], limit: int) 
 
 @torch.no_grad()
 def generate(model, tokenizer, histories: Sequence[Sequence[dict]], *, device: str, max_new_tokens: int,
-             max_prompt_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy replies, batched with left padding (stop at the family's stop ids)."""
+             max_prompt_tokens: int, batch_size: int = 8,
+             after_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy replies, batched with left padding (stop at the family's stop ids).
+    `after_batch(n)` is called after each batch with the number of replies it produced (it may
+    raise, e.g. Cancelled, to stop between batches)."""
     from service.models import render_chat, stop_token_ids
 
     stops = stop_token_ids(tokenizer)
@@ -73,18 +76,31 @@ def generate(model, tokenizer, histories: Sequence[Sequence[dict]], *, device: s
             new = out[r, L:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))
             texts[i] = tokenizer.decode(new[:cut], skip_special_tokens=True).strip()
+        if after_batch is not None:
+            after_batch(len(idx))
     return texts
 
 
 def before_after(model, tokenizer, conversations: Sequence[Sequence[dict]], *, device: str,
                  max_samples: int, max_new_tokens: int, max_prompt_tokens: int, split: str,
-                 batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Generate with the base and the adapter on the same prompts; metrics for both + the table."""
+                 batch_size: int = 8, log: Callable[[str], None] | None = None,
+                 on_replies: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Generate with the base and the adapter on the same prompts; metrics for both + the table.
+    `on_replies(done, total)` follows every batch (total = 2 x prompts: base, then adapter); it
+    is where a caller checks for a cancel (raising stops between batches)."""
     pairs = prompts_and_references(conversations, max_samples)
     if not pairs:
         return {"split": split, "n_samples": 0, "note": "no conversation ending in an assistant reply"}
     histories = [h for h, _ in pairs]
     refs = [r for _, r in pairs]
+    total, done = 2 * len(pairs), 0
+
+    def after_batch(n: int) -> None:
+        nonlocal done
+        done += n
+        if on_replies is not None:
+            on_replies(done, total)
+
     was = model.training
     model.eval()
     try:
@@ -92,11 +108,11 @@ def before_after(model, tokenizer, conversations: Sequence[Sequence[dict]], *, d
             log(f"evaluating on {len(pairs)} {split} prompts: base model")
         with model.disable_adapter():
             base = generate(model, tokenizer, histories, device=device, max_new_tokens=max_new_tokens,
-                            max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+                            max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, after_batch=after_batch)
         if log:
             log(f"evaluating on {len(pairs)} {split} prompts: adapter")
         tuned = generate(model, tokenizer, histories, device=device, max_new_tokens=max_new_tokens,
-                         max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+                         max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, after_batch=after_batch)
     finally:
         model.train(was)
     table = [{"prompt": next((m["content"] for m in reversed(h) if m.get("role") == "user"), ""),
@@ -106,3 +122,29 @@ def before_after(model, tokenizer, conversations: Sequence[Sequence[dict]], *, d
                                                                     "max_new_tokens": max_new_tokens},
             "base": corpus_scores(base, refs), "adapter": corpus_scores(tuned, refs),
             "metric_descriptions": METRIC_DESCRIPTIONS, "before_after": table}
+
+
+def eval_seconds_estimate(model, tokenizer, conversations: Sequence[Sequence[dict]], *, device: str,
+                          max_samples: int, max_new_tokens: int, max_prompt_tokens: int,
+                          batch_size: int, probe_tokens: int = 4) -> tuple[float, int]:
+    """(seconds, replies) that before_after will take at most, from one timed batch of
+    `probe_tokens` greedy tokens (every reply assumed to run to max_new_tokens: an upper bound
+    the measured rate replaces once evaluation runs). (0.0, 0) when there is nothing to evaluate."""
+    import time
+
+    pairs = prompts_and_references(conversations, max_samples)
+    if not pairs:
+        return 0.0, 0
+    histories = [h for h, _ in pairs][:batch_size]
+    n = min(probe_tokens, max_new_tokens)
+    was = model.training
+    model.eval()
+    try:
+        t0 = time.perf_counter()
+        generate(model, tokenizer, histories, device=device, max_new_tokens=n,
+                 max_prompt_tokens=max_prompt_tokens, batch_size=batch_size)
+        per_token = (time.perf_counter() - t0) / n
+    finally:
+        model.train(was)
+    batches = -(-len(pairs) // batch_size)
+    return 2 * batches * max_new_tokens * per_token, 2 * len(pairs)

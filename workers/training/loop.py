@@ -136,6 +136,9 @@ class TrainLoop:
             optimizer, scheduler = make_optimizer(model, spec, total_steps, device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.checkpoint_extra = checkpoint_extra or {}
+        # Seconds the job needs after the last step (evaluation): part of every ETA reported.
+        self.eta_after_s = 0.0
+        self.last_progress: JobProgress | None = None
         self.sampler = StepSampler(len(examples), spec.batch_size, spec.seed, self.state.position)
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -207,7 +210,9 @@ class TrainLoop:
                                    eval_loss=st.eval_loss, learning_rate=self.scheduler.get_last_lr()[0],
                                    tokens_per_second=round(window_tok / dt, 1),
                                    label_tokens_per_second=round(window_lab / dt, 1),
-                                   eta_seconds=round(step_s * (self.total_steps - st.step), 1))
+                                   eta_seconds=round(step_s * (self.total_steps - st.step) + self.eta_after_s, 1),
+                                   phase="training")
+                self.last_progress = prog
                 if self.dist.main:
                     p.progress(prog, st.trained_tokens)
                     p.event(f"step {st.step}/{self.total_steps}: loss {loss:.4f}, "

@@ -28,6 +28,7 @@ from workers.training.data import (Conversations, Example, conversations_list, f
                                    tokenize_conversations, total_steps)
 from workers.training.loop import Dist, LoopState, TrainLoop, make_optimizer
 from workers.training.model import check_packing, load_trainable
+from workers.training.phases import EvalProgress
 from workers.training.plan import (GiB, MemoryModel, MemoryPlan, choose_plan, dense_layer_bytes, device_budget,
                                    model_shape)
 
@@ -321,6 +322,9 @@ class LoRAFinetuneRecipe:
                          progress=self.progress, dist_=self.dist, validation=self.val_examples, state=state,
                          optimizer=self.optimizer, scheduler=self.scheduler,
                          checkpoint_extra={"resume_key": self.resume_key, "memory_plan": plan.to_dict()})
+        # The ETA includes evaluation from the first step on (a timed probe, before training).
+        self.eval_estimate_s, self.eval_replies = self._eval_estimate()
+        loop.eta_after_s = self.eval_estimate_s
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         t_train = time.perf_counter()
@@ -333,6 +337,8 @@ class LoRAFinetuneRecipe:
                 f"{str(exc).splitlines()[0]}", code="out_of_memory") from exc
         train_s = time.perf_counter() - t_train
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+        self.last_progress = loop.last_progress or JobProgress(step=state.step, total_steps=self.n_steps,
+                                                               loss=state.loss)
         self.optimizer = self.scheduler = None
         del loop
         gc.collect()
@@ -357,34 +363,66 @@ class LoRAFinetuneRecipe:
                  data={"throughput": self.throughput, "loss": state.loss, "step": state.step})
 
     # -- evaluate: validation loss, BLEU/ROUGE of base and adapter --------------------------
+    # Phase "evaluating n/N" in the progress; a cancel is honoured between evaluation batches.
     def evaluate(self) -> dict[str, Any]:
-        state, spec, device = self.state, self.spec, self.device
-        if self.progress.should_stop():
-            shutil.rmtree(self.adapter_dir, ignore_errors=True)
-            raise Cancelled(f"cancelled after step {state.step}, before evaluation")
+        state = self.state
+        evaluating = EvalProgress(self.progress, self.last_progress, state.trained_tokens,
+                                  self.eval_estimate_s, self.eval_replies)
+        try:
+            evaluating.check_cancel(f"after step {state.step}, before evaluation")
+            return self._evaluate(evaluating)
+        except Cancelled:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)  # never published
+            raise
+
+    def _evaluate(self, evaluating: EvalProgress) -> dict[str, Any]:
+        state, device, args = self.state, self.device, self._eval_args()
+        if self.val_examples or args is not None:
+            evaluating.start()
         metrics: dict[str, Any] = {"train_loss": state.loss}
         if self.val_examples:
             metrics["eval_loss"] = loss = _final_eval_loss(self.model, self.val_examples, device, self.plan,
                                                            self.pad_id)
             self.say(f"validation loss {loss:.4f}", data={"eval_loss": loss, "step": state.step})
-        if spec.eval_max_samples > 0:
-            metrics["quality"] = self._quality()
+            evaluating.eval_loss(loss)
+        if args is not None:
+            metrics["quality"] = self._quality(args, evaluating)
         return metrics
 
-    def _quality(self) -> dict[str, Any]:
-        from workers.training.evaluate import before_after
-
+    def _eval_args(self) -> dict[str, Any] | None:
+        """How the before/after evaluation runs (None when eval_max_samples is 0)."""
         spec, device = self.spec, self.device
+        if spec.eval_max_samples <= 0:
+            return None
         convs, split = (self.val_convs, "validation") if self.val_convs else (self.train_convs, "train")
         new_tokens, prompt_cap = spec.eval_max_new_tokens, spec.max_source_length + spec.max_target_length
         if self.max_positions is not None:  # prompt + reply within the model's positions
             new_tokens = min(new_tokens, self.max_positions - 1)
             prompt_cap = min(prompt_cap, self.max_positions - new_tokens)
+        return {"convs": convs, "split": split, "max_new_tokens": new_tokens, "max_prompt_tokens": prompt_cap,
+                "batch_size": 8 if device.startswith("cuda") else 4}
+
+    def _eval_estimate(self) -> tuple[float, int]:
+        """(seconds, replies) the before/after evaluation will take at most (rank 0 evaluates)."""
+        args = self._eval_args() if self.dist.main else None
+        if args is None:
+            return 0.0, 0
+        from workers.training.evaluate import eval_seconds_estimate
+        return eval_seconds_estimate(self.model, self.tokenizer, args["convs"], device=self.device,
+                                     max_samples=self.spec.eval_max_samples, max_new_tokens=args["max_new_tokens"],
+                                     max_prompt_tokens=args["max_prompt_tokens"], batch_size=args["batch_size"])
+
+    def _quality(self, args: dict[str, Any], evaluating: EvalProgress) -> dict[str, Any]:
+        from workers.training.evaluate import before_after
+
+        split = args["split"]
+        evaluating.begin_replies()
         try:
-            quality = before_after(self.model, self.tokenizer, convs, device=device,
-                                   max_samples=spec.eval_max_samples, max_new_tokens=new_tokens,
-                                   max_prompt_tokens=prompt_cap, split=split,
-                                   batch_size=8 if device.startswith("cuda") else 4, log=lambda m: self.say(m))
+            quality = before_after(self.model, self.tokenizer, args["convs"], device=self.device,
+                                   max_samples=self.spec.eval_max_samples, max_new_tokens=args["max_new_tokens"],
+                                   max_prompt_tokens=args["max_prompt_tokens"], split=split,
+                                   batch_size=args["batch_size"], log=lambda m: self.say(m),
+                                   on_replies=evaluating.replies)
         except torch.OutOfMemoryError as exc:
             return {"error": f"evaluation ran out of memory: {str(exc).splitlines()[0]}"}
         if "adapter" in quality:

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from service.api.deps import RegistryDep, StateDep, TenantDep
-from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, error_responses
+from service.api.deps import RegistryDep, SettingsDep, StateDep, TenantDep
+from service.api.schemas import AdapterDeleted, AdapterList, AdapterPublic, SampleList, error_responses
 from service.core import export as adapter_export
 from service.core.domain import AdapterManifest
+from service.core.identity import public_id
 from service.core.errors import InvalidInput, NotFound
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=error_responses())
@@ -34,21 +35,33 @@ def _resolve(registry, tenant: str, name: str, version: int | None):
         raise _not_found(name, version) from None
 
 
+def _public(m: AdapterManifest, settings) -> AdapterPublic:
+    return AdapterPublic.from_domain(m, base_model=public_id(m.base_model, settings))
+
+
 @router.get("", response_model=AdapterList)
-def list_adapters(tenant: TenantDep, registry: RegistryDep) -> AdapterList:
-    return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list(tenant)])
+def list_adapters(tenant: TenantDep, registry: RegistryDep, settings: SettingsDep) -> AdapterList:
+    return AdapterList(data=[_public(m, settings) for m in registry.list(tenant)])
 
 
 @router.get("/{name}", response_model=AdapterPublic, responses=error_responses(404))
-def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep,
+def get_adapter(name: str, tenant: TenantDep, registry: RegistryDep, settings: SettingsDep,
                 version: int | None = Query(default=None, ge=1, le=999_999_999)) -> AdapterPublic:
-    return AdapterPublic.from_domain(_resolve(registry, tenant, name, version)[1])
+    return _public(_resolve(registry, tenant, name, version)[1], settings)
+
+
+@router.get("/{name}/samples", response_model=SampleList, responses=error_responses(404))
+def list_adapter_samples(name: str, tenant: TenantDep, registry: RegistryDep,
+                         version: int | None = Query(default=None, ge=1, le=999_999_999),
+                         limit: int = Query(default=100, ge=1, le=100_000)) -> SampleList:
+    """The before/after rows of the evaluation that produced this adapter version."""
+    return SampleList.from_metrics(_resolve(registry, tenant, name, version)[1].metrics, limit)
 
 
 @router.get("/{name}/versions", response_model=AdapterList, responses=error_responses(404))
-def list_adapter_versions(name: str, tenant: TenantDep, registry: RegistryDep) -> AdapterList:
+def list_adapter_versions(name: str, tenant: TenantDep, registry: RegistryDep, settings: SettingsDep) -> AdapterList:
     _resolve(registry, tenant, name, None)  # 404 (not 400) for names that cannot exist
-    return AdapterList(data=[AdapterPublic.from_domain(m) for m in registry.list_versions(tenant, name)])
+    return AdapterList(data=[_public(m, settings) for m in registry.list_versions(tenant, name)])
 
 
 @router.delete("/{name}", response_model=AdapterDeleted, responses=error_responses(404, 409))

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
 from service.api.deps import SettingsDep, StateDep, StoreDep, TenantDep
-from service.api.paging import page_after
+from service.api.paging import After, page_after
 from service.api.schemas import FileDeleted, FileList, FilePublic, error_responses
 from service.api.uploads import receive_upload
 from service.core.errors import NotFound, TuneserveError
@@ -51,10 +51,10 @@ async def create_file(request: Request, tenant: TenantDep, settings: SettingsDep
     return FilePublic.from_domain(info)
 
 
-@router.get("", response_model=FileList)
+@router.get("", response_model=FileList, responses=error_responses(404))
 def list_files(tenant: TenantDep, store: StoreDep,
                purpose: str | None = Query(default=None, max_length=64),
-               after: str | None = Query(default=None, max_length=128),
+               after: After = None,
                limit: int = Query(default=10_000, ge=1, le=10_000),
                order: str = Query(default="desc", pattern="^(asc|desc)$")) -> FileList:
     files = store.list_files(tenant, purpose=purpose)  # newest first

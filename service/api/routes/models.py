@@ -8,6 +8,7 @@ from service.api.deps import RegistryDep, StateDep, TenantDep
 from service.api.schemas import ModelDeleted, ModelList, ModelPublic, error_responses, unix
 from service.core.domain import AdapterManifest
 from service.core.errors import InvalidInput, NotFound
+from service.core.identity import public_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses())
 
@@ -17,14 +18,14 @@ def _base(state) -> ModelPublic:
                        kind="base")
 
 
-def _adapter(m: AdapterManifest) -> ModelPublic:
+def _adapter(m: AdapterManifest, state) -> ModelPublic:
     return ModelPublic(id=m.model_id, created=unix(m.created_at) or 0, owned_by="user", kind="adapter",
-                       base_model=m.base_model, version=m.version)
+                       base_model=public_id(m.base_model, state.settings), version=m.version)
 
 
 @router.get("", response_model=ModelList)
 def list_models(tenant: TenantDep, registry: RegistryDep, state: StateDep) -> ModelList:
-    return ModelList(data=[_base(state)] + [_adapter(m) for m in registry.list(tenant)])
+    return ModelList(data=[_base(state)] + [_adapter(m, state) for m in registry.list(tenant)])
 
 
 @router.get("/{model:path}", response_model=ModelPublic, responses=error_responses(404))
@@ -37,7 +38,7 @@ async def get_model(model: str, tenant: TenantDep, registry: RegistryDep, state:
     except (NotFound, InvalidInput):  # a name that cannot exist is as unknown as one that does not
         raise NotFound(f"model {model!r} does not exist (base model: {state.base_model_name!r})",
                        param="model", code="model_not_found") from None
-    return _adapter(manifest)
+    return _adapter(manifest, state)
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted, responses=error_responses(404, 409))

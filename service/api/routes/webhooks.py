@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Query
 
 from service.api.deps import TenantDep
+from service.api.paging import After
 from service.api.schemas import (
     ErrorResponse,
     WebhookDeliveryList,
@@ -41,9 +42,9 @@ def create_endpoint(body: WebhookEndpointCreate, tenant: TenantDep, svc: Webhook
     return svc.create(tenant, body)
 
 
-@router.get(PREFIX, response_model=WebhookEndpointList, responses={**_400, **_401})
+@router.get(PREFIX, response_model=WebhookEndpointList, responses={**_400, **_401, **_404})
 def list_endpoints(tenant: TenantDep, svc: WebhooksDep,
-                   after: str | None = Query(default=None, max_length=128),
+                   after: After = None,
                    limit: int = Query(default=20, ge=1, le=100)) -> WebhookEndpointList:
     return svc.list(tenant, after=after, limit=limit)
 
@@ -85,7 +86,7 @@ def test_endpoint(webhook_endpoint_id: str, body: WebhookTestCreate, tenant: Ten
 @router.get(PREFIX + "/{webhook_endpoint_id}/deliveries", response_model=WebhookDeliveryList,
             responses={**_400, **_401, **_404}, summary="Delivery log of an endpoint, newest first (ours)")
 def list_deliveries(webhook_endpoint_id: str, tenant: TenantDep, svc: WebhooksDep,
-                    after: str | None = Query(default=None, max_length=128),
+                    after: After = None,
                     limit: int = Query(default=20, ge=1, le=100)) -> WebhookDeliveryList:
     return svc.deliveries(tenant, webhook_endpoint_id, after=after, limit=limit)
 

@@ -132,7 +132,10 @@
     let body = null;
     try { body = await resp.json(); } catch (_) { /* not JSON */ }
     const err = new ApiError(resp.status, body);
-    if (resp.status === 401) showAuth("That key was refused (401). Enter a valid API key.");
+    if (resp.status === 401) {
+      showAuth(apiKey() ? "That key was refused (401). Enter a valid API key."
+                        : "This service needs an API key: the one `make run` printed (also in .tuneserve/api_key).");
+    }
     return err;
   }
 
@@ -202,9 +205,18 @@
     for (const a of document.querySelectorAll("[data-nav]")) {
       a.classList.toggle("active", a.dataset.nav === name);
     }
+    if (!apiKey()) {  // first visit: ask, rather than let every request answer 401
+      root.append(h("p", { class: "empty", id: "needs-key",
+                           text: "Enter your API key above to continue (`make run` printed it; it is also in .tuneserve/api_key)." }));
+      showAuth();
+      return;
+    }
     if (name === "jobs" && parts[1]) disposeView = jobView(root, parts[1]);
     else if (name === "jobs") disposeView = jobsView(root);
     else if (name === "adapters") disposeView = adaptersView(root);
+    else if (name === "new") disposeView = newJobView(root);
+    else if (name === "webhooks") disposeView = webhooksView(root);
+    else if (name === "keys") disposeView = keysView(root);
     else if (name === "chat") disposeView = chatView(root, parts[1] || null);
     else { root.append(h("p", { text: "Unknown page." })); }
   }
@@ -422,15 +434,71 @@
       h("tbody", {}, records.map((r) => h("tr", {}, cols.map((c) => h("td", { class: "cell-text", text: fmtValue(r ? r[c] : null) }))))));
   }
 
+  /** `training`, `evaluating 12/100`, `publishing` (JobProgress.phase_text on the server). */
+  function phaseText(p) {
+    if (!p || !p.phase) return "";
+    if (p.phase === "evaluating" && p.eval_total) return `evaluating ${p.eval_done || 0}/${p.eval_total}`;
+    return p.phase;
+  }
+
+  const QUALITY_METRICS = ["bleu-4", "rouge-1", "rouge-2", "rouge-l"];
+
+  /** BLEU-4 / ROUGE of the base and the adapter on the evaluation prompts, and the difference. */
+  function qualityTable(quality, id) {
+    const base = quality.base || {}, tuned = quality.adapter || {};
+    const keys = QUALITY_METRICS.filter((k) => k in tuned || k in base)
+      .concat(Object.keys(tuned).filter((k) => !QUALITY_METRICS.includes(k) && k !== "n_samples" && typeof tuned[k] === "number"));
+    const diff = (k) => (typeof tuned[k] === "number" && typeof base[k] === "number") ? tuned[k] - base[k] : null;
+    return h("table", { class: "grid quality", id: id || null },
+      h("thead", {}, h("tr", {}, ["Metric", "Base", "Adapter", "Δ"].map((t) => h("th", { text: t })))),
+      h("tbody", {}, keys.map((k) => {
+        const d = diff(k);
+        return h("tr", { "data-metric": k },
+          h("td", { text: k.toUpperCase() }), h("td", { text: fmtNum(base[k], 4) }), h("td", { text: fmtNum(tuned[k], 4) }),
+          h("td", { class: d === null ? "" : d >= 0 ? "up" : "down",
+                    text: d === null ? "—" : (d >= 0 ? "+" : "") + d.toFixed(2) }));
+      })));
+  }
+
+  /** Rows behind a <details>, fetched from `path` the first time it is opened. */
+  function lazySamples(path, count, id) {
+    const body = h("div", { class: "scroll" });
+    const box = h("details", { id: id || null, class: "samples" },
+      h("summary", { text: `Before / after samples (${count})` }), body);
+    let loaded = false;
+    box.addEventListener("toggle", async () => {
+      if (!box.open || loaded) return;
+      loaded = true;
+      body.replaceChildren(h("p", { class: "muted", text: "loading…" }));
+      try {
+        const rows = listOf(await api(path));
+        body.replaceChildren(recordsTable(rows, "before-after"));
+      } catch (e) {
+        loaded = false;
+        body.replaceChildren(h("p", { class: "muted", text: "Samples unavailable: " + e.message }));
+      }
+    });
+    return box;
+  }
+
   function renderResult(container, job) {
     container.replaceChildren();
     const result = job.result || {};
     const metrics = result.metrics || null;
-    if (metrics && Object.keys(metrics).length) {
-      container.append(h("h3", { text: "Evaluation metrics" }), kvTable(metrics, "job-metrics"));
+    const scalars = Object.fromEntries(Object.entries(metrics || {}).filter(([, v]) => typeof v !== "object" || v === null));
+    if (Object.keys(scalars).length) {
+      container.append(h("h3", { text: "Evaluation metrics" }), kvTable(scalars, "job-metrics"));
     }
-    // Before/after (base vs adapter on validation prompts). Accept a few shapes: a list under
-    // a known key, or {before: [...], after: [...]} zipped by index.
+    const quality = metrics && metrics.quality;
+    if (quality && quality.adapter) {
+      container.append(h("h3", { text: `Quality on ${quality.n_samples} ${quality.split || ""} prompts` }),
+                       qualityTable(quality, "quality-table"),
+                       lazySamples(`/v1/fine_tuning/jobs/${encodeURIComponent(job.id)}/samples?limit=1000`,
+                                   quality.n_samples, "job-samples"));
+    } else if (quality && quality.error) {
+      container.append(h("p", { class: "muted", text: "Quality: " + quality.error }));
+    }
+    // Older shapes: a list under a known key, or {before: [...], after: [...]} zipped by index.
     let rows = null;
     for (const key of ["before_after", "samples", "comparison", "examples"]) {
       if (Array.isArray(result[key]) && result[key].length) { rows = result[key]; break; }
@@ -439,7 +507,7 @@
       rows = result.before.map((b, i) => Object.assign({}, typeof b === "object" ? b : { before: b },
                                                        typeof result.after[i] === "object" ? result.after[i] : { after: result.after[i] }));
     }
-    if (rows) container.append(h("h3", { text: "Before / after" }), recordsTable(rows, "before-after"));
+    if (rows) container.append(h("h3", { text: "Before / after" }), h("div", { class: "scroll" }, recordsTable(rows, "before-after")));
     const rest = Object.fromEntries(Object.entries(result).filter(([k, v]) =>
       !["metrics", "before_after", "samples", "comparison", "examples", "before", "after"].includes(k)));
     if (Object.keys(rest).length) {
@@ -501,6 +569,8 @@
       progress.setAttribute("aria-valuenow", pct.toFixed(0));
       progress.dataset.status = job.status;
       const parts = [];
+      const phase = phaseText(p);
+      if (!final && phase) parts.push(phase);
       parts.push(p.total_steps ? `step ${p.step || 0} / ${p.total_steps} (${pct.toFixed(0)}%)` : `step ${p.step || 0}`);
       if (p.loss !== null && p.loss !== undefined) parts.push(`loss ${fmtNum(p.loss)}`);
       if (p.eval_loss !== null && p.eval_loss !== undefined) parts.push(`eval loss ${fmtNum(p.eval_loss)}`);
@@ -508,6 +578,7 @@
       if (p.label_tokens_per_second) parts.push(`${fmtNum(p.label_tokens_per_second, 3)} label tok/s`);
       if (!final && p.eta_seconds !== null && p.eta_seconds !== undefined) parts.push(`ETA ${fmtDuration(p.eta_seconds)}`);
       progressText.textContent = parts.join(" · ");
+      progressText.dataset.phase = final ? "" : (p.phase || "");
 
       const info = {
         model: job.model, fine_tuned_model: job.fine_tuned_model, trained_tokens: job.trained_tokens,
@@ -663,12 +734,16 @@
         for (const a of adapters) for (const [k] of scalarMetrics(a.metrics)) if (!metricCols.includes(k)) metricCols.push(k);
         list.append(h("table", { class: "grid", id: "adapters-table" },
           h("thead", {}, h("tr", {},
-            ["Name", "Version", "Base model", "r", "alpha", "Target modules", "Created", ...metricCols, ""]
+            ["Name", "Version", "Base model", "r", "alpha", "Target modules", "Created", ...metricCols, "BLEU-4 base → adapter", "", "Export"]
               .map((t) => h("th", { text: t })))),
           h("tbody", {}, adapters.map((a) => {
             const name = a.name || a.id;
             const details = h("tr", { class: "manifest-row", hidden: true },
-              h("td", { colspan: 8 + metricCols.length }, h("pre", { class: "json", text: JSON.stringify(a, null, 2) })));
+              h("td", { colspan: 10 + metricCols.length }, h("pre", { class: "json", text: JSON.stringify(a, null, 2) })));
+            const q = (a.metrics || {}).quality;
+            const bleu = q && q.adapter && typeof q.adapter["bleu-4"] === "number"
+              ? `${fmtNum((q.base || {})["bleu-4"], 4)} → ${fmtNum(q.adapter["bleu-4"], 4)}` : "—";
+            const exportPath = (fmt) => `/v1/adapters/${encodeURIComponent(name)}/export?format=${fmt}&version=${a.version}`;
             const row = h("tr", { "data-adapter": name },
               h("td", {}, h("a", { href: "#/chat/" + encodeURIComponent(name), title: "chat with this adapter", text: name })),
               h("td", { text: fmtValue(a.version) }),
@@ -678,14 +753,312 @@
               h("td", { text: (a.target_modules || []).join(", ") }),
               h("td", { text: fmtTime(a.created_at) }),
               metricCols.map((k) => h("td", { text: fmtValue((a.metrics || {})[k]) })),
+              h("td", { class: "nowrap", text: bleu }),
               h("td", {}, h("button", { type: "button", class: "link", text: "manifest",
-                                        onclick: () => { details.hidden = !details.hidden; } })));
+                                        onclick: () => { details.hidden = !details.hidden; } })),
+              h("td", { class: "nowrap" },
+                ["chatglm3", "peft"].map((fmt) => h("button", { type: "button", class: "link", "data-export": fmt,
+                  title: fmt === "chatglm3" ? "for the original ChatGLM3-6B + peft" : "the registry's own PEFT pair",
+                  text: fmt, onclick: (ev) => download(ev.target, exportPath(fmt), `${name}-v${a.version}-${fmt}.zip`) }))));
             return [row, details];
           }))));
       } catch (e) {
         if (!stopped) flash("Could not load adapters: " + e.message);
       }
     })();
+    return () => { stopped = true; };
+  }
+
+  /** Fetch with the key (a plain link cannot send it) and save the body as `filename`. */
+  async function download(button, path, filename) {
+    button.disabled = true;
+    try {
+      const resp = await fetch(path, { headers: authHeaders() });
+      if (!resp.ok) throw await readError(resp);
+      const url = URL.createObjectURL(await resp.blob());
+      const a = h("a", { href: url, download: filename, hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 60000);
+      button.dataset.downloaded = "true";
+      flash(`Downloaded ${filename}.`, "info");
+    } catch (e) {
+      flash("Export failed: " + e.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // New job: upload (drop or pick) a dataset, then start a job with the common hyperparameters
+  // ---------------------------------------------------------------------------------------
+  /** An error body as lines: the message (which names the line and field of a bad row) and param. */
+  function errorLines(e) {
+    const lines = String(e.message || e).split("\n").filter(Boolean);
+    if (e.param) lines.push(`field: ${e.param}`);
+    return lines;
+  }
+
+  function dropZone(id, label, onFile) {
+    const input = h("input", { type: "file", id: id + "-input", accept: ".jsonl,.json,application/jsonl", hidden: true });
+    const zone = h("div", { class: "dropzone", id, tabindex: 0 },
+      h("strong", { text: label }), h("span", { class: "muted", text: " drop a JSONL file here, or " }),
+      h("button", { type: "button", class: "link", text: "choose one", onclick: () => input.click() }), input);
+    input.addEventListener("change", () => { if (input.files[0]) onFile(input.files[0]); input.value = ""; });
+    zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+    zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+    zone.addEventListener("drop", (ev) => {
+      ev.preventDefault();
+      zone.classList.remove("over");
+      const f = ev.dataTransfer && ev.dataTransfer.files[0];
+      if (f) onFile(f);
+    });
+    return zone;
+  }
+
+  async function uploadFile(file) {
+    const form = new FormData();
+    form.append("purpose", "fine-tune");
+    form.append("file", file, file.name);
+    const resp = await fetch("/v1/files", { method: "POST", headers: authHeaders(), body: form });
+    if (!resp.ok) throw await readError(resp);
+    return resp.json();
+  }
+
+  // The form's fields: TrainingSpec keys with their defaults (service/core/domain.py; README
+  // "Hyperparameters"). Empty = the server's default.
+  const JOB_FIELDS = [
+    ["n_epochs", "Epochs", 3, "number", "0.1"], ["max_steps", "Max steps (wins over epochs)", "", "number", "1"],
+    ["batch_size", "Batch size", 16, "number", "1"], ["learning_rate", "Learning rate", 0.0001, "number", "any"],
+    ["lora_r", "LoRA rank", 8, "number", "1"], ["lora_alpha", "LoRA alpha", 32, "number", "any"],
+    ["eval_max_samples", "Evaluation prompts", 50, "number", "1"],
+  ];
+
+  function newJobView(root) {
+    let stopped = false;
+    const chosen = { training: null, validation: null };
+    const status = { training: h("div", { id: "upload-training-status", class: "upload-status" }),
+                     validation: h("div", { id: "upload-validation-status", class: "upload-status" }) };
+    const base = h("select", { id: "job-model" });
+    const suffix = h("input", { id: "job-suffix", placeholder: "e.g. ads", maxlength: 45 });
+    const fields = JOB_FIELDS.map(([key, label, def, type, step]) =>
+      [key, h("input", { id: "hp-" + key, name: key, type, step, value: def, placeholder: def === "" ? "—" : String(def) }), label]);
+    const submit = h("button", { type: "submit", id: "job-create", text: "Start fine-tuning", disabled: true });
+    const formError = h("div", { id: "job-create-error", class: "flash error", hidden: true });
+
+    function showUpload(which, state, info) {
+      const el = status[which];
+      el.className = "upload-status " + state;
+      if (state === "ok") {
+        el.replaceChildren(h("span", { text: `✓ ${info.filename}: ${info.id}, ${fmtNum(info.rows)} rows` }));
+      } else if (state === "error") {
+        el.replaceChildren(h("strong", { text: "Upload refused:" }),
+                           h("ul", { class: "row-errors" }, errorLines(info).map((l) => h("li", { text: l }))));
+      } else {
+        el.replaceChildren(h("span", { class: "muted", text: info }));
+      }
+      submit.disabled = !chosen.training;
+    }
+
+    async function take(which, file) {
+      chosen[which] = null;
+      showUpload(which, "busy", `uploading ${file.name}…`);
+      try {
+        const info = await uploadFile(file);
+        if (stopped) return;
+        chosen[which] = info.id;
+        showUpload(which, "ok", info);
+      } catch (e) {
+        if (!stopped) showUpload(which, "error", e);
+      }
+    }
+
+    const form = h("form", { id: "job-form" },
+      h("div", { class: "form-grid" },
+        h("label", {}, "Base model", base), h("label", {}, "Suffix", suffix),
+        fields.map(([, input, label]) => h("label", {}, label, input))),
+      h("div", { class: "row" }, submit, h("span", { class: "muted", text: "empty fields: the server's defaults" })),
+      formError);
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      formError.hidden = true;
+      const hp = {};
+      for (const [key, input] of fields) if (input.value !== "") hp[key] = Number(input.value);
+      const body = { model: base.value, training_file: chosen.training, hyperparameters: hp };
+      if (chosen.validation) body.validation_file = chosen.validation;
+      if (suffix.value.trim()) body.suffix = suffix.value.trim();
+      submit.disabled = true;
+      try {
+        const job = await api("/v1/fine_tuning/jobs", { method: "POST", body });
+        location.hash = "#/jobs/" + encodeURIComponent(job.id);
+      } catch (e) {
+        formError.hidden = false;
+        formError.replaceChildren(h("ul", { class: "row-errors" }, errorLines(e).map((l) => h("li", { text: l }))));
+        submit.disabled = false;
+      }
+    });
+
+    root.append(h("div", { class: "page-head" }, h("h1", { text: "New fine-tuning job" })),
+      h("section", { class: "card" }, h("h2", { text: "1. Data" }),
+        h("p", { class: "muted", text: 'One JSON object per line: {"content", "summary"} (AdvertiseGen), ' +
+                                       '{"conversations": [...]} (ChatGLM3) or {"messages": [...]} (OpenAI chat). ' +
+                                       "Every row is checked on upload." }),
+        dropZone("drop-training", "Training file", (f) => take("training", f)), status.training,
+        dropZone("drop-validation", "Validation file (optional)", (f) => take("validation", f)), status.validation),
+      h("section", { class: "card" }, h("h2", { text: "2. Hyperparameters" }), form));
+
+    (async () => {
+      try {
+        const models = listOf(await api("/v1/models")).filter((m) => (m.kind || "base") === "base");
+        if (stopped) return;
+        base.replaceChildren(...models.map((m) => h("option", { value: m.id, text: m.id })));
+        base.dataset.loaded = "true";
+      } catch (e) { if (!stopped) flash("Could not load models: " + e.message); }
+    })();
+    return () => { stopped = true; };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // Webhooks (OpenAI's /v1/webhook_endpoints)
+  // ---------------------------------------------------------------------------------------
+  const EVENT_TYPES = ["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"];
+
+  function webhooksView(root) {
+    let stopped = false;
+    const list = h("div", { id: "webhooks-list" });
+    const secretBox = h("div", { id: "webhook-secret", class: "flash info", hidden: true });
+    const name = h("input", { id: "webhook-name", placeholder: "ci", required: true });
+    const url = h("input", { id: "webhook-url", type: "url", placeholder: "https://example.com/hooks/tuneserve", required: true, size: 40 });
+    const checks = EVENT_TYPES.map((t) => [t, h("input", { type: "checkbox", value: t, checked: true, "data-event": t })]);
+    const form = h("form", { id: "webhook-form", class: "form-grid" },
+      h("label", {}, "Name", name), h("label", {}, "URL", url),
+      h("fieldset", {}, h("legend", { text: "Events" }), checks.map(([t, c]) => h("label", { class: "check" }, c, t))),
+      h("div", {}, h("button", { type: "submit", id: "webhook-create", text: "Add endpoint" })));
+
+    function showSecret(ep, what) {
+      secretBox.hidden = false;
+      secretBox.replaceChildren(h("div", { text: `${what} for ${ep.name}; shown only now, copy it:` }),
+                                h("code", { id: "webhook-secret-value", text: ep.signing_secret }));
+    }
+
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const ep = await api("/v1/webhook_endpoints", { method: "POST", body: {
+          name: name.value.trim(), url: url.value.trim(),
+          event_types: checks.filter(([, c]) => c.checked).map(([t]) => t) } });
+        showSecret(ep, "Signing secret");
+        name.value = ""; url.value = "";
+        load();
+      } catch (e) { flash("Could not add the endpoint: " + errorLines(e).join("; ")); }
+    });
+
+    async function act(ep, what) {
+      try {
+        if (what === "delete") {
+          if (!confirm(`Delete ${ep.name}? Its undelivered events are dropped.`)) return;
+          await api(`/v1/webhook_endpoints/${encodeURIComponent(ep.id)}`, { method: "DELETE" });
+        } else if (what === "test") {
+          const r = await api(`/v1/webhook_endpoints/${encodeURIComponent(ep.id)}/test`,
+                              { method: "POST", body: { event_type: ep.event_types[0] } });
+          flash(`Test delivery to ${ep.name}: HTTP ${r.status_code ?? "—"}`, "info");
+        } else if (what === "rotate") {
+          showSecret(await api(`/v1/webhook_endpoints/${encodeURIComponent(ep.id)}/rotate_secret`,
+                               { method: "POST", body: { keep_old_secret_active_for_24_hours: true } }), "New signing secret");
+        }
+        load();
+      } catch (e) { flash(`${what} failed: ` + e.message); }
+    }
+
+    async function deliveries(ep, cell) {
+      try {
+        const rows = listOf(await api(`/v1/webhook_endpoints/${encodeURIComponent(ep.id)}/deliveries?limit=20`));
+        cell.replaceChildren(rows.length ? recordsTable(rows.map((d) => ({
+          event: d.event_type, status: d.status, attempts: d.attempts, http: d.last_status_code,
+          error: d.last_error, next: d.next_attempt_at ? fmtTime(d.next_attempt_at) : null })), "webhook-deliveries")
+          : h("p", { class: "muted", text: "No deliveries yet." }));
+      } catch (e) { cell.replaceChildren(h("p", { class: "muted", text: e.message })); }
+    }
+
+    async function load() {
+      try {
+        const eps = listOf(await api("/v1/webhook_endpoints"));
+        if (stopped) return;
+        if (!eps.length) { list.replaceChildren(h("p", { class: "muted empty", text: "No endpoints." })); return; }
+        list.replaceChildren(h("table", { class: "grid", id: "webhooks-table" },
+          h("thead", {}, h("tr", {}, ["Name", "URL", "Events", "Secret", "Created", ""].map((t) => h("th", { text: t })))),
+          h("tbody", {}, eps.map((ep) => {
+            const log = h("td", { colspan: 6 });
+            const logRow = h("tr", { hidden: true }, log);
+            return [h("tr", { "data-webhook": ep.id },
+              h("td", { text: ep.name }), h("td", { class: "cell-text", text: ep.url }),
+              h("td", { text: (ep.event_types || []).join(", ") }),
+              h("td", {}, h("code", { text: ep.signing_secret_hint || "—" })),
+              h("td", { class: "nowrap", text: fmtTime(ep.created_at) }),
+              h("td", { class: "nowrap" },
+                h("button", { type: "button", class: "link", text: "test", onclick: () => act(ep, "test") }),
+                h("button", { type: "button", class: "link", text: "rotate secret", onclick: () => act(ep, "rotate") }),
+                h("button", { type: "button", class: "link", text: "deliveries",
+                              onclick: () => { logRow.hidden = !logRow.hidden; if (!logRow.hidden) deliveries(ep, log); } }),
+                h("button", { type: "button", class: "link danger-text", text: "delete", onclick: () => act(ep, "delete") }))),
+              logRow];
+          }))));
+      } catch (e) { if (!stopped) flash("Could not load webhooks: " + e.message); }
+    }
+
+    root.append(h("div", { class: "page-head" }, h("h1", { text: "Webhooks" })),
+      h("p", { class: "muted", text: "POSTed when a job succeeds, fails or is cancelled, signed as OpenAI signs them " +
+                                     "(verify with the openai package's client.webhooks.unwrap)." }),
+      secretBox, h("section", { class: "card" }, list), h("section", { class: "card" }, h("h2", { text: "Add an endpoint" }), form));
+    load();
+    return () => { stopped = true; };
+  }
+
+  // ---------------------------------------------------------------------------------------
+  // API keys of this tenant (listed by prefix; a new key is shown once)
+  // ---------------------------------------------------------------------------------------
+  function keysView(root) {
+    let stopped = false;
+    const list = h("div", { id: "keys-list" });
+    const shown = h("div", { id: "new-key", class: "flash info", hidden: true });
+    const name = h("input", { id: "key-name", placeholder: "e.g. ci" });
+    const form = h("form", { id: "key-form", class: "row" }, h("label", {}, "Name ", name),
+                   h("button", { type: "submit", id: "key-create", text: "Create key" }));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        const k = await api("/v1/api_keys", { method: "POST", body: name.value.trim() ? { name: name.value.trim() } : {} });
+        shown.hidden = false;
+        shown.replaceChildren(h("div", { text: "New key; shown only now, copy it:" }), h("code", { id: "new-key-value", text: k.key }));
+        name.value = "";
+        load();
+      } catch (e) { flash("Could not create a key: " + e.message); }
+    });
+    async function revoke(k) {
+      const own = apiKey().startsWith(k.prefix);
+      if (!confirm(own ? `Revoke ${k.prefix}…? It looks like the key this page uses.` : `Revoke ${k.prefix}…?`)) return;
+      try { await api(`/v1/api_keys/${encodeURIComponent(k.id)}`, { method: "DELETE" }); load(); }
+      catch (e) { flash("Revoke failed: " + e.message); }
+    }
+    async function load() {
+      try {
+        const keys = listOf(await api("/v1/api_keys"));
+        if (stopped) return;
+        list.replaceChildren(h("table", { class: "grid", id: "keys-table" },
+          h("thead", {}, h("tr", {}, ["Prefix", "Name", "Created", "Revoked", ""].map((t) => h("th", { text: t })))),
+          h("tbody", {}, keys.map((k) => h("tr", { "data-key": k.id, class: k.revoked_at ? "muted" : "" },
+            h("td", {}, h("code", { text: k.prefix + "…" }),
+              apiKey().startsWith(k.prefix) ? h("span", { class: "muted", text: " (this page)" }) : null),
+            h("td", { text: k.name || "—" }), h("td", { class: "nowrap", text: fmtTime(k.created_at) }),
+            h("td", { class: "nowrap", text: k.revoked_at ? fmtTime(k.revoked_at) : "—" }),
+            h("td", {}, k.revoked_at ? null : h("button", { type: "button", class: "link danger-text", text: "revoke",
+                                                            onclick: () => revoke(k) })))))));
+      } catch (e) { if (!stopped) flash("Could not load keys: " + e.message); }
+    }
+    root.append(h("div", { class: "page-head" }, h("h1", { text: "API keys" })), shown,
+                h("section", { class: "card" }, list), h("section", { class: "card" }, form));
+    load();
     return () => { stopped = true; };
   }
 
