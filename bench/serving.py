@@ -149,6 +149,17 @@ async def single_stream(engine, adapter: str, max_tokens: int, prompt: str) -> d
     return r
 
 
+def compiled_variants() -> int:
+    """Compiled variants of our NF4 kernel in this process (a rise in a timed run = a JIT
+    compile inside the measurement)."""
+    try:
+        from service.inference.kernels import nf4
+    except ImportError:
+        return 0
+    caches = getattr(nf4._nf4_mma, "device_caches", {})
+    return sum(len(c[0] if isinstance(c, tuple) else c) for c in caches.values())
+
+
 async def concurrent(engine, adapters: list[str], streams: int, max_tokens: int, prompt: str) -> dict:
     t0 = time.perf_counter()
     rs = await asyncio.gather(*[timed_stream(engine, req(adapters[i % len(adapters)], max_tokens, prompt))
@@ -233,7 +244,11 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
     # 2) many streams over many adapters
     small = serving[: args.adapters]
     rec(f"{prefix}concurrent_first_run", await concurrent(engine, small, args.streams, args.tokens, prompt))
+    rec(f"{prefix}triton_variants_after_first_run", compiled_variants())
+    engine.step_times.reset()
     rec(f"{prefix}concurrent", await concurrent(engine, small, args.streams, args.tokens, prompt))
+    rec(f"{prefix}concurrent_step_ms", engine.stats()["step_ms"])
+    rec(f"{prefix}triton_variants_after_second_run", compiled_variants())
     if full and args.large_streams:
         large = serving[: args.large_adapters]
         rec(f"{prefix}concurrent_large_first_run",
