@@ -188,6 +188,29 @@ def mma_config(m: int) -> MmaConfig:
     return MmaConfig(block_n=128, block_m=128, num_warps=8, num_stages=3, target_programs=264)
 
 
+# The row counts at which mma_config changes (its buckets' upper ends).
+MMA_ROW_BUCKETS = (1, 16, 32, 64, 128)
+
+
+def warm_up(weights, rows: tuple[int, int]) -> int:
+    """Compile every `_nf4_mma` variant the row range `rows` can reach for these (weight,
+    bias, compute dtype) triples, so no request waits for a JIT compile; returns how many
+    launches that took. GPU only (the interpreter compiles nothing)."""
+    seen = set()
+    launches = 0
+    for weight, ops, bias, dtype in weights:
+        key = (ops.n, ops.k, ops.blocksize, ops.nested, bias is not None, dtype)
+        if key in seen or _nf4.INTERPRETING or ops.packed.device.type != "cuda":
+            continue
+        seen.add(key)
+        lows = [rows[0]] + [b + 1 for b in MMA_ROW_BUCKETS if rows[0] <= b < rows[1]]
+        for m in lows:
+            x = torch.zeros(m, ops.k, dtype=dtype, device=ops.packed.device)
+            nf4_matmul(x, weight, bias, ops=ops, min_rows=rows[0], max_rows=rows[1])
+            launches += 1
+    return launches
+
+
 def mma_split(ops: NF4Operands, m: int, cfg: MmaConfig) -> tuple[int, int]:
     """(programs along K, 64-wide steps per program) for an [m, K] x [K, N] product."""
     steps = ops.k // _nf4.STEP_K.value

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.inference.kernels import MAX_KERNEL_ROWS, NF4Operands, nf4_matmul, operands
+from service.inference.kernels import MAX_KERNEL_ROWS, NF4Operands, nf4_matmul, operands, warm_up
 
 
 class NF4Linear(nn.Module):
@@ -41,6 +41,7 @@ def use_nf4_kernels(model: nn.Module, rows: tuple[int, int] = (1, MAX_KERNEL_ROW
     import bitsandbytes as bnb
 
     swapped = 0
+    layers: list[NF4Linear] = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
@@ -49,6 +50,10 @@ def use_nf4_kernels(model: nn.Module, rows: tuple[int, int] = (1, MAX_KERNEL_ROW
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, NF4Linear(module, ops, rows))
+        swapped_in = NF4Linear(module, ops, rows)
+        setattr(parent, child, swapped_in)
         swapped += 1
+        layers.append(swapped_in)
+    warm_up([(m.weight, m._ops, None if m.bias is None else m.bias.to(m.compute_dtype or torch.bfloat16),
+              m.compute_dtype or torch.bfloat16) for m in layers], rows)
     return swapped

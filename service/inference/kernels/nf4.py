@@ -226,7 +226,9 @@ def _codes(p, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr):
     return hi, lo
 
 
-@triton.jit
+# Row counts and split lengths vary per call: specializing on them (==1, %16) compiled new
+# variants in the middle of serving (seconds each: measured as 2-4 s time-to-first-token).
+@triton.jit(do_not_specialize=["M", "steps_per_split"])
 def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_ptr, bias_ptr, y_ptr, ws_ptr,
              M, N, K, stride_xm, stride_ym, steps_per_split,
              NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
@@ -317,7 +319,7 @@ def _code_dots(p, xe, xo, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr, DOT
     return d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _splitk_reduce(ws_ptr, bias_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                    BLOCK: tl.constexpr):
     """y = sum of the SPLIT_K float32 partial products (+ bias), rounded once."""
