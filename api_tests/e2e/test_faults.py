@@ -249,8 +249,10 @@ def test_worker_sigkilled_mid_job_is_requeued_and_succeeds(tmp_path, demo_model,
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait(30)
         killed = c.job(job["id"])
-        assert killed["status"] == "running", "the job ended before the kill; make it longer"
-        step_at_kill = killed["progress"]["step"]
+        # Not ended before the kill; "queued" when a reaper sweep saw the dead worker and
+        # requeued it before this read (seen once on a loaded machine).
+        assert killed["status"] in ("running", "queued"), "the job ended before the kill; make it longer"
+        step_at_kill = (killed.get("progress") or {}).get("step")
 
         t0 = time.monotonic()
         system.start_worker()
