@@ -270,13 +270,8 @@ def test_progress_and_result_merge(store: Store):
     assert got.progress == prog and got.trained_tokens == 999
     store.update_progress(job.id, JobProgress(step=4))
     assert store.get_job(job.id).trained_tokens == 999  # untouched when not given
-    store.merge_result(job.id, {"plan": {"micro": 2}, "a": 1})
-    store.merge_result(job.id, {"a": 2, "b": [1, 2]})
-    assert store.get_job(job.id).result == {"plan": {"micro": 2}, "a": 2, "b": [1, 2]}
     with pytest.raises(NotFound):
         store.update_progress("ftjob-000000000000000000000000", prog)
-    with pytest.raises(NotFound):
-        store.merge_result("ftjob-000000000000000000000000", {})
 
 
 # ---------------------------------------------------------------------------------------
@@ -448,7 +443,8 @@ def test_non_finite_floats_become_null(store: Store):
     job = _job(store)
     ev = store.add_event(job.id, "diverged", type="metrics", data={"loss": float("nan"), "grad": [float("inf"), 1.0]})
     store.update_progress(job.id, JobProgress(step=1, loss=float("inf")))
-    store.merge_result(job.id, {"eval_loss": float("-inf")})
+    store.transition(job.id, JobStatus.running)
+    store.transition(job.id, JobStatus.succeeded, fine_tuned_model="ft-x", result={"eval_loss": float("-inf")})
     assert store.all_events(job.id)[0].data == {"loss": None, "grad": [None, 1.0]}
     assert ev.id == store.all_events(job.id)[0].id
     got = store.get_job(job.id)

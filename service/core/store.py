@@ -611,13 +611,6 @@ class Store:
             if res.rowcount == 0:
                 raise NotFound(f"job {job_id!r} not found", param="job_id")
 
-    def merge_result(self, job_id: str, result: dict) -> None:
-        """Shallow-merge into job.result (read-modify-write under the row lock)."""
-        with self._write() as s:
-            row = self._lock_job(s, job_id)
-            merged = {**(row.result or {}), **result}
-            s.execute(sa.update(JobRow).where(JobRow.id == job_id).values(result=merged))
-
     # -- events ----------------------------------------------------------------------------
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict | None = None) -> JobEvent:
