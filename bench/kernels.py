@@ -17,6 +17,7 @@ One call does everything, baseline included (same card, same process):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -126,7 +127,7 @@ def check(quick: bool) -> None:
 
 def sweep_mma(quick: bool) -> dict:
     """`_nf4_mma` launch configs per (rows, shape). Returns {(k, n, m): (seconds, MmaConfig)}."""
-    import dataclasses
+
 
     from service.inference import kernels as K
 
@@ -231,7 +232,15 @@ def floor(best: dict) -> None:
                 K.launch_mma(xs[k], o, y, None, entry[1] if entry else None)
 
         row = dict(rows=m, weight_GB=round(nbytes / 1e9, 3))
-        steps = [("bitsandbytes", bnb_step), ("ours_default", ours_step), ("ours_tuned", tuned_step)]
+        def exact_step():  # hi + lo codes (exact float32 NF4), every row count
+            cfg = dataclasses.replace(K.mma_config(m), split_code=True)
+            for p, o, k, n in ws:
+                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                K.launch_mma(xs[k], o, y, None, cfg)
+
+        # ours_tuned without a sweep = ours (one code) at every row count, bitsandbytes never
+        steps = [("bitsandbytes", bnb_step), ("ours_default", ours_step), ("ours_tuned", tuned_step),
+                 ("ours_exact_codes", exact_step)]
         if m <= 32:
             steps.append(("previous", previous_step))
         for name, fn in steps:

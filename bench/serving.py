@@ -197,9 +197,28 @@ async def cold_ttft(engine, names: list[str], prompt: str) -> dict:
             "admit_p50_ms": round(pct([a * 1000 for a, _ in ttfts], 50), 2)}
 
 
+def base_weight_bytes(model) -> int:
+    """Bytes of the base's own weights: parameters (packed NF4 bytes included) and each NF4
+    weight's quantization state (absmax codes, second-level absmax and code tables); not the
+    LoRA pools or the KV cache (reported by the engine's stats)."""
+    total, seen = 0, set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+        qs = getattr(t, "quant_state", None)
+        for extra in (getattr(qs, "absmax", None), getattr(qs, "code", None),
+                      getattr(getattr(qs, "state2", None), "absmax", None),
+                      getattr(getattr(qs, "state2", None), "code", None)):
+            if torch.is_tensor(extra):
+                total += extra.numel() * extra.element_size()
+    return total
+
+
 # --------------------------------------------------------------------------------------
 async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool,
-                     lora_kernels: bool = False) -> None:
+                     lora_kernels: bool = False, compile: bool | None = None) -> None:
     """One engine, measured. `prefix` names its rows (e.g. "bnb_" for bitsandbytes' kernels)."""
     from service.core.config import Settings
     from service.core.registry import AdapterRegistry
@@ -210,7 +229,8 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
     streams_max = max(args.streams, args.large_streams if full else 0)
     settings = Settings(data_dir=work / "data", base_model=base, load_in_4bit=True, device=device,
                         max_batch_size=streams_max, max_seq_len=args.max_seq_len, max_queue=4096,
-                        request_timeout_s=3600, cuda_graphs=not args.no_graphs, torch_compile=args.compile,
+                        request_timeout_s=3600, cuda_graphs=not args.no_graphs,
+                        torch_compile=args.compile if compile is None else compile,
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
                         nf4_kernel_min_rows=args.nf4_min_rows, nf4_kernel_max_rows=args.nf4_max_rows,
                         lora_kernels=lora_kernels)
@@ -221,8 +241,9 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
     rec(f"{prefix}engine_start_s", round(time.perf_counter() - t0, 1))
     rec(f"{prefix}nf4_kernel_layers", engine._runner.nf4_kernel_layers)
     engine._stop_ids = frozenset()  # bench only: random weights would stop at random
+    rec(f"{prefix}base_weight_gib", round(base_weight_bytes(engine._runner.model) / 2**30, 3))
     if device == "cuda":
-        rec(f"{prefix}nf4_base_gib", round(torch.cuda.memory_allocated() / 2**30, 3))
+        rec(f"{prefix}gpu_allocated_gib", round(torch.cuda.memory_allocated() / 2**30, 3))
 
     serving = [f"serve-{i}" for i in range(max(args.adapters, args.large_adapters if full else 0))]
     hot = [f"hot-{i}" for i in range(args.hot_loads)] if full else []
@@ -290,6 +311,10 @@ async def main_async(args) -> None:
     if args.compare_bnb and not args.tiny:
         # The previous path (bitsandbytes' NF4 kernels), same process, same card, first.
         await run_engine(args, base, "bnb_", nf4_kernels=False, full=False)
+    if args.compare_uncompiled and not args.tiny:
+        # This round's kernels without torch.compile'd layers, same process, before.
+        await run_engine(args, base, "uncompiled_", nf4_kernels=not args.no_nf4_kernels, full=True,
+                         lora_kernels=args.lora_kernels, compile=False)
     await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True,
                      lora_kernels=args.lora_kernels)
     if args.kernel_floor and not args.tiny:
@@ -315,7 +340,9 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--adapter-budget", type=int, default=512 * 1024 * 1024)
     p.add_argument("--no-graphs", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (then graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's layers (then graphs)")
+    p.add_argument("--compare-uncompiled", action="store_true",
+                   help="before the main engine, the same engine without --compile (rows uncompiled_*)")
     p.add_argument("--only-single", action="store_true", help="stop after the one-stream measurements")
     p.add_argument("--seed-baseline", action="store_true",
                    help="first run bench/reference/seed_recipe_bench.py infer (same card, same checkpoint)")
