@@ -310,7 +310,7 @@ async def main_async(args) -> None:
     base = build_base(args)
     if args.compare_bnb and not args.tiny:
         # The previous path (bitsandbytes' NF4 kernels), same process, same card, first.
-        await run_engine(args, base, "bnb_", nf4_kernels=False, full=False)
+        await run_engine(args, base, "bnb_", nf4_kernels=False, full=False, compile=False)
     if args.compare_uncompiled and not args.tiny:
         # This round's kernels without torch.compile'd layers, same process, before.
         await run_engine(args, base, "uncompiled_", nf4_kernels=not args.no_nf4_kernels, full=True,
@@ -340,7 +340,7 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--adapter-budget", type=int, default=512 * 1024 * 1024)
     p.add_argument("--no-graphs", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step's layers (then graphs)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (then graphs)")
     p.add_argument("--compare-uncompiled", action="store_true",
                    help="before the main engine, the same engine without --compile (rows uncompiled_*)")
     p.add_argument("--only-single", action="store_true", help="stop after the one-stream measurements")

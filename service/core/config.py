@@ -69,15 +69,14 @@ class Settings(BaseSettings):
     # optionally torch.compile the step first.
     cuda_graphs: bool = True
     # NF4 matmuls of nf4_kernel_min_rows..nf4_kernel_max_rows rows through our Triton kernel
-    # (service/inference/kernels: exact NF4, CUDA only); other row counts and shapes stay
-    # bitsandbytes'. The default range is where ours is faster on an H200
-    # (bench/results/h200-2026-12-02-mma/serving.json, "floor": a decode step's NF4 matmuls
-    # at 8 rows 4.86 ms vs bitsandbytes' 10.40, 32 rows 5.40 vs 10.36, 64 rows 6.85 vs 10.14;
-    # bitsandbytes wins at 1 row (its GEMV, 2.93 vs 4.48), 2 rows (4.41 vs 4.79) and 128 rows
-    # (10.79 vs 11.21). 3 rows is not measured: the range starts there as bitsandbytes' time
-    # grows with rows below 8 and ours does not.
+    # (service/inference/kernels: NF4 within bf16 rounding, CUDA only); other row counts and
+    # shapes stay bitsandbytes'. The default range is where ours is faster on an H200
+    # (bench/results/h200-2026-12-03/kernels.json, "floor": a decode step's NF4 matmuls at
+    # 2 rows 3.86 ms vs bitsandbytes' 4.42, 8 rows 3.93 vs 10.44, 32 rows 4.96 vs 10.38,
+    # 64 rows 5.38 vs 10.18); bitsandbytes wins at 1 row (its GEMV, 2.94 vs 4.03) and at
+    # 128 rows (10.74 vs 11.74).
     nf4_kernels: bool = True
-    nf4_kernel_min_rows: int = Field(default=3, ge=1, le=128)
+    nf4_kernel_min_rows: int = Field(default=2, ge=1, le=128)
     nf4_kernel_max_rows: int = Field(default=64, ge=1, le=128)
     # Opt-in: the multi-LoRA term as two Triton kernels (shrink, expand) instead of PyTorch's
     # GEMMs + multiply + add (CUDA only).

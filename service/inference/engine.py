@@ -195,7 +195,7 @@ class InferenceEngine:
             model, num_slots=settings.max_batch_size, max_seq_len=self.max_seq_len,
             lora_targets=targets, lora_budget_bytes=settings.adapter_gpu_budget_bytes,
             device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
-            torch_compile=settings.torch_compile and torch.device(self.device).type == "cuda", nf4_kernels=settings.nf4_kernels,
+            torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
             nf4_kernel_rows=(settings.nf4_kernel_min_rows, settings.nf4_kernel_max_rows),
             lora_kernels=settings.lora_kernels)
         self._runner = runner
@@ -633,7 +633,6 @@ class InferenceEngine:
         }
         if runner is not None:
             out["cuda_graphs"] = runner.use_graphs and not runner._graph_failed
-            out["compiled_layers"] = runner.compiled_layers is not None
             out["captured_graphs"] = runner.graph_count
             out["memory"] = runner.memory()
         if self._cache is not None:

@@ -37,10 +37,8 @@ class SlotKVCache:
         shape = (num_slots, num_kv_heads, max_seq_len, head_dim)
         # zeros, not empty: masked positions still enter softmax(.) @ V as 0 * value, and
         # 0 * NaN from uninitialised memory would poison the row.
-        self.all_keys = torch.zeros((num_layers, *shape), dtype=dtype, device=device)
-        self.all_values = torch.zeros((num_layers, *shape), dtype=dtype, device=device)
-        self.keys = list(self.all_keys.unbind(0))
-        self.values = list(self.all_values.unbind(0))
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.num_layers = num_layers
@@ -71,7 +69,7 @@ class SlotKVCache:
     # --- the transformers Cache protocol ------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs):
-        k_cache, v_cache = self.all_keys[layer_idx], self.all_values[layer_idx]
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         if self.mode == "prefill":
             rows = self.prefill_slots[:, None]
             # [n, H, T, D] -> [n, T, H, D] to match advanced indexing's result layout.

@@ -7,8 +7,7 @@ Decode step shapes are static per (rows, kv_len, lora_columns) bucket: rows = sl
 0..nb-1 (requests take the lowest free slot, so nb stays small when load is low),
 kv_len and the LoRA high-water mark are rounded up to buckets. On CUDA each bucket's
 step is captured once into a CUDA graph and replayed (no per-layer Python or kernel
-launch overhead); optionally the decoder layers are torch.compile'd for decode first
-(`CompiledDecodeLayers`). CPU stays eager.
+launch overhead); optionally the step is torch.compile'd first. CPU stays eager.
 
 Graphs and their memory pool live as long as the runner: one pool handle, made once, is
 shared by every capture, and no graph is ever destroyed while serving. (Destroying every
@@ -21,8 +20,6 @@ instead of a reason to drop graphs.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -76,49 +73,6 @@ def _use_slot_attention(model: torch.nn.Module) -> bool:
         return False
 
 
-class CompiledDecodeLayers:
-    """The decoder layers of the decode step through one `torch.compile`d callable (regional
-    compilation): Inductor fuses what runs between the matmuls (RMSNorm, residual adds,
-    rotary, the KV write, softmax, SiLU * up, casts) into a few kernels per layer.
-
-    Why per layer and decode only: all layers run the same code, so one compiled artifact
-    serves all of them (their weights are its inputs; `layer_idx` is made a symbolic int, and
-    the KV cache is indexed as one stacked tensor, not a Python list, for that), which keeps
-    the compile to seconds instead of the minutes a whole-model compile took; prefill, with
-    its many lengths, stays eager. Matmuls stay opaque calls (our NF4 kernels are a graph
-    break, bitsandbytes' ops are its own custom ops). Under CUDA graphs, the breaks cost no
-    launch time: replay runs only the kernels."""
-
-    def __init__(self, layers, backend: str = "inductor") -> None:
-        import torch._dynamo
-
-        # Process-wide, set by the one engine of this process: layer_idx differs per layer.
-        torch._dynamo.config.allow_unspec_int_on_nn_module = True
-        # Row / length / LoRA-width buckets each specialise once before going symbolic.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        self._on = False
-        self._compiled = torch.compile(_call_layer, dynamic=None, backend=backend)
-        for layer in layers:
-            layer.forward = functools.partial(self._forward, layer.forward)
-
-    @contextlib.contextmanager
-    def active(self):
-        self._on = True
-        try:
-            yield
-        finally:
-            self._on = False
-
-    def _forward(self, eager, *args, **kwargs):
-        if self._on:
-            return self._compiled(eager, *args, **kwargs)
-        return eager(*args, **kwargs)
-
-
-def _call_layer(forward, *args, **kwargs):
-    return forward(*args, **kwargs)
-
-
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
     return min(hi, max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1))))))
 
@@ -128,8 +82,7 @@ class ModelRunner:
                  lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
                  cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
                  max_lora_columns: int = 4096, nf4_kernels: bool = False,
-                 nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False,
-                 compile_backend: str = "inductor"):
+                 nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False):
         self.model = model.eval()
         self.slot_attention = _use_slot_attention(model)
         self.device = torch.device(device)
@@ -186,8 +139,11 @@ class ModelRunner:
         self._graph_failed = False
         self.max_graphs = max_graphs
         self._decode_fn = self._decode_eager
-        self.compiled_layers = (CompiledDecodeLayers(self.inner.layers, compile_backend)
-                                if torch_compile and hasattr(self.inner, "layers") else None)
+        if torch_compile and self.device.type == "cuda":
+            # Graphs are captured around the compiled function. dynamic=None: the first bucket
+            # compiles static, a second kv_len/rows bucket recompiles once with those sizes
+            # symbolic (instead of one ~minute-long compile per bucket).
+            self._decode_fn = torch.compile(self._decode_eager, dynamic=None)
 
     def _kernels_available(self) -> bool:
         try:
@@ -314,8 +270,7 @@ class ModelRunner:
         self.ctx.mask = self.slot_mask[:nb, None, :hw] if hw else None
         self.ctx.hw = hw
         try:
-            with self.compiled_layers.active() if self.compiled_layers else contextlib.nullcontext():
-                hidden = self._forward(self.tok_buf[:nb, None], mask, pos[:, None])
+            hidden = self._forward(self.tok_buf[:nb, None], mask, pos[:, None])
         finally:
             self.ctx.mask = None
         return self.head(hidden[:, 0]).float()
@@ -362,10 +317,9 @@ class ModelRunner:
             try:
                 entry = self._capture(key)
             except Exception:  # never let a capture (or compile) problem take serving down
-                log.exception("CUDA graph capture failed for %s; decoding eagerly (and uncompiled) from now on", key)
+                log.exception("CUDA graph capture failed for %s; decoding eagerly from now on", key)
                 self._graph_failed = True
                 self._decode_fn = self._decode_eager
-                self.compiled_layers = None
                 torch.cuda.synchronize(self.device)
                 return self._decode_fn(nb, kv_len, hw)
             self._graphs[key] = entry

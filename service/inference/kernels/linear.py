@@ -22,9 +22,6 @@ class NF4Linear(nn.Module):
         self._ops = ops
         self.min_rows, self.max_rows = rows
 
-    # Opaque to torch.compile (a graph break): Dynamo need not trace the launch logic, and
-    # under CUDA graphs a break costs no time at replay.
-    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # As Linear4bit: compute in its compute dtype, answer in the input's.
         in_dtype = x.dtype
