@@ -245,7 +245,7 @@ def bench_ours(name: str, path: Path, rows, device: str, batch: int, warmup: int
     for s in range(warmup + steps):
         sync(device)
         t0 = time.perf_counter()
-        loss, ntok, nlab = loop.train_step()
+        loss, _accuracy, ntok, nlab = loop.train_step()
         sync(device)
         if s >= warmup:
             times.append(time.perf_counter() - t0)

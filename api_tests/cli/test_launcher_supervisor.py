@@ -27,13 +27,14 @@ def test_backoff_doubles_per_recent_crash_and_is_capped():
 def start_up(tmp_path, own_redis, demo_base):
     ups: list[Up] = []
 
-    def start(*args: str, redis_url: str = own_redis.url) -> Up:
+    def start(*args: str, redis_url: str = own_redis.url, **env_overrides: str) -> Up:
         port = free_port()
         data = tmp_path / f"data{len(ups)}"
         env = process_env(data_dir=data, database_url=f"sqlite:///{data / 'tuneserve.db'}",
                           redis_url=redis_url, queue="training")
         env.update(TUNESERVE_PORT=str(port), TUNESERVE_BASE_MODEL=str(demo_base), TUNESERVE_ENGINE_ENABLED="false",
                    COLUMNS="200", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+        env.update(env_overrides)
         log_path = tmp_path / f"up{len(ups)}.log"
         up = Up.start(list(args), env, log_path, port)
         ups.append(up)
@@ -123,3 +124,27 @@ def test_the_redis_up_started_itself_is_restarted_too(start_up):
     up.proc.send_signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0, up.log()[-4000:]
     assert not redis_ping(url, timeout=0.2)
+
+
+def test_the_terminal_has_no_loading_bar_and_no_celery_root_warning(start_up):
+    """What `make run` shows (issue 14, section 5): the API's engine loads the base (the demo
+    model, engine on) and the real Celery worker starts, as root where this runs as root, yet
+    the terminal has neither transformers' "Loading weights" bar nor Celery's superuser
+    SecurityWarning (both are printed to the children's stderr, which is this terminal)."""
+    import os
+
+    import httpx
+
+    up = start_up(TUNESERVE_ENGINE_ENABLED="true")
+    up.wait_up("up started")
+
+    def engine_ready():
+        r = httpx.get(f"{up.url}/readyz", timeout=5)
+        assert r.json()["checks"]["engine"] in ("loading", "ready"), r.text
+        return r.json()["checks"]["engine"] == "ready"
+    wait_for(engine_ready, START_TIMEOUT, "the engine to load the demo base", diagnostics=lambda: up.log()[-4000:])
+    terminal = up.log()
+    assert "Loading weights" not in terminal, terminal[-4000:]
+    assert "superuser privileges" not in terminal, terminal[-4000:]
+    assert "SecurityWarning" not in terminal, terminal[-4000:]
+    print(f"\nran as uid {os.geteuid()} (the Celery warning only fires as root)")

@@ -15,7 +15,7 @@ from service.core.errors import Cancelled, TrainingError
 from service.core.registry import AdapterRegistry
 from service.core.identity import demo_dir
 from workers.tasks import publish_adapter, run_job, training_run
-from worker_harness import TENANT, create_job, tiny_spec, training_file, wait_for
+from worker_harness import TENANT, create_job, tiny_spec, training_file, validation_file, wait_for
 
 pytestmark = pytest.mark.slow  # imports torch (workers.training) once
 
@@ -179,10 +179,12 @@ def test_success_attaches_the_metrics_csv_as_a_result_file(world, store):
     settings = world.settings()
     job = _job(world, store)
 
-    def train(run, progress):
-        for step, loss in ((1, 2.5), (2, 2.0)):
-            progress.event(f"step {step}", data={"step": step, "loss": loss, "total_steps": 2})
-        progress.event("step 2: validation loss 1.7500", data={"step": 2, "eval_loss": 1.75})
+    def train(run, progress):  # the events as the training loop and the recipe write them
+        for step, loss, acc in ((1, 2.5, 0.25), (2, 2.0, 0.375)):
+            progress.event(f"step {step}", data={"step": step, "loss": loss, "mean_token_accuracy": acc,
+                                                 "total_steps": 2})
+        progress.event("validation loss 1.7500, token accuracy 0.5000",
+                       data={"step": 2, "eval_loss": 1.75, "eval_mean_token_accuracy": 0.5})
         return FakeOutcome(_fake_adapter(Path(run.work_dir) / "adapter"), run.job_id)
 
     assert run_job(store, settings, job.id, "me:1", train_fn=train) == "succeeded"
@@ -190,8 +192,31 @@ def test_success_attaches_the_metrics_csv_as_a_result_file(world, store):
     info = store.get_file(file_id, TENANT)
     assert info.purpose == "fine-tune-results" and info.format is None and info.rows == 2
     assert Path(info.path).read_text() == ("step,train_loss,train_mean_token_accuracy,valid_loss,"
-                                           "valid_mean_token_accuracy\n1,2.5,,,\n2,2.0,,1.75,\n")
+                                           "valid_mean_token_accuracy\n1,2.5,0.25,,\n2,2.0,0.375,1.75,0.5\n")
     assert [f.id for f in store.list_files(TENANT, purpose="fine-tune-results")] == [file_id]
+
+
+def test_real_training_fills_the_metrics_csv_token_accuracy_columns(world, store):
+    """Real training on the tiny fixture: every step's row has its loss and token accuracy, and
+    the validation pass after training fills the last row's valid columns."""
+    import csv
+    import io
+
+    settings = world.settings()
+    spec = tiny_spec(max_steps=3, checkpoint_steps=1000, eval_max_samples=0)
+    job = create_job(store, training_file(store, world.data_dir, 4), spec,
+                     validation_id=validation_file(store, world.data_dir, 2))
+    assert run_job(store, settings, job.id, "me:1") == "succeeded", store.get_job(job.id).error
+    done = store.get_job(job.id)
+    (file_id,) = done.result["result_files"]
+    rows = list(csv.DictReader(io.StringIO(Path(store.get_file(file_id, TENANT).path).read_text())))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert float(r["train_loss"]) > 0 and 0 <= float(r["train_mean_token_accuracy"]) <= 1, r
+    assert float(rows[-1]["valid_loss"]) == done.result["metrics"]["eval_loss"]
+    assert float(rows[-1]["valid_mean_token_accuracy"]) == done.result["metrics"]["eval_mean_token_accuracy"]
+    assert 0 <= done.result["metrics"]["eval_mean_token_accuracy"] <= 1
+    assert done.progress.mean_token_accuracy == float(rows[-1]["train_mean_token_accuracy"])
 
 
 def test_dataset_swapped_after_creation_is_refused_by_the_worker(world, store, tmp_path):

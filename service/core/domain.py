@@ -82,12 +82,17 @@ class JobProgress(BaseModel):
     total_steps: int | None = None
     epoch: float | None = None
     loss: float | None = None
+    # Share of label tokens whose argmax prediction is the label (TRL's `mean_token_accuracy`):
+    # of the last logged step, and of the last validation pass.
+    mean_token_accuracy: float | None = None
     eval_loss: float | None = None
+    eval_mean_token_accuracy: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     label_tokens_per_second: float | None = None
-    # Seconds until the job ends: the rest of training, plus evaluation (estimated from a timed
-    # probe before training, then measured while it runs), plus publishing.
+    # Seconds until the job ends: the rest of training, plus the validation-loss passes (timed
+    # when one ran, else bounded by training's own seconds per token), plus the before/after
+    # generation (estimated from a timed probe before training, then measured while it runs).
     eta_seconds: float | None = None
     phase: JobPhase | None = None
     # While evaluating: replies generated so far of eval_total (base and adapter, one per prompt each).

@@ -6,6 +6,7 @@ native GLM checkpoint cached under `cache_dir/<content hash>/`; everything else 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -13,7 +14,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,24 @@ def load_tokenizer(path: Path | str):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
+@contextlib.contextmanager
+def quiet_weight_loading() -> Iterator[None]:
+    """No "Loading weights" tqdm bar: transformers 5 draws one on stderr for every
+    from_pretrained, which is `make run`'s terminal (the engine and each training job load
+    the base). transformers' progress bars are off inside the block and restored after; a
+    local path downloads nothing, so no hub download bar is hidden with it."""
+    from transformers.utils import logging as hf_logging
+
+    if not hf_logging.is_progress_bar_enabled():  # already off (HF_HUB_DISABLE_PROGRESS_BARS, a caller)
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_model(path: Path | str, *, quantize_4bit: bool, device: str = "cpu",
                compute_dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """A resolved base model, in 4-bit NF4 (double quant) or at compute_dtype.
@@ -285,7 +304,8 @@ def load_model(path: Path | str, *, quantize_4bit: bool, device: str = "cpu",
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    with quiet_weight_loading():
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if quantize_4bit and device == "cpu":
         _avoid_bnb_cpu_packing_bug(model)
     model.eval()

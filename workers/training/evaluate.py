@@ -10,25 +10,29 @@ import torch
 
 from workers.training.data import Example
 from workers.training.metrics import METRIC_DESCRIPTIONS, corpus_scores
-from workers.training.model import autocast, micro_batch_loss_sum
+from workers.training.model import autocast, micro_batch_loss_and_correct
 from workers.training.packing import micro_batches
 
 
 @torch.no_grad()
-def validation_loss(model, examples: Sequence[Example], *, device: str, token_budget: int, packing: bool,
-                    rows: int, pad_id: int, max_examples: int | None = None) -> float:
-    """Mean token cross-entropy over the validation examples' label tokens (eval mode)."""
+def validation_metrics(model, examples: Sequence[Example], *, device: str, token_budget: int, packing: bool,
+                       rows: int, pad_id: int, max_examples: int | None = None) -> tuple[float, float]:
+    """(mean token cross-entropy, mean token accuracy) over the validation examples' label
+    tokens (eval mode); the accuracy is the share of label tokens whose argmax logit is the
+    target, from the same forward as the loss."""
     was = model.training
     model.eval()
     try:
         exs = list(examples[:max_examples] if max_examples else examples)
-        total, n = 0.0, 0
+        total, correct, n = 0.0, 0, 0
         for mb in micro_batches(exs, packing=packing, token_budget=token_budget, rows=rows, pad_id=pad_id):
             mb = mb.to(device)
             with autocast(device):
-                total += float(micro_batch_loss_sum(model, mb))
+                loss_sum, n_correct = micro_batch_loss_and_correct(model, mb)
+            total += float(loss_sum)
+            correct += int(n_correct)
             n += mb.n_label_tokens
-        return total / max(n, 1)
+        return total / max(n, 1), correct / max(n, 1)
     finally:
         model.train(was)
 

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,7 +21,7 @@ from service.core.domain import JobProgress, TrainingSpec
 from service.core.errors import Cancelled
 from workers.training.checkpoint import save_checkpoint
 from workers.training.data import DataPosition, Example, StepSampler
-from workers.training.model import autocast, micro_batch_loss_sum, trainable_parameters
+from workers.training.model import autocast, micro_batch_loss_and_correct, trainable_parameters
 from workers.training.packing import micro_batches
 from workers.training.plan import MemoryPlan
 
@@ -58,21 +58,25 @@ class LoopState:
     trained_tokens: int = 0        # real tokens seen by the model (padding excluded), all ranks
     label_tokens: int = 0
     loss: float | None = None
+    accuracy: float | None = None       # mean token accuracy of the last step
     eval_loss: float | None = None
+    eval_accuracy: float | None = None  # mean token accuracy of the last validation pass
     loss_history: list[list[float]] = field(default_factory=list)       # [step, loss]
     eval_history: list[list[float]] = field(default_factory=list)       # [step, eval_loss]
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.position.epoch, "index": self.position.index,
                 "trained_tokens": self.trained_tokens, "label_tokens": self.label_tokens,
-                "loss": self.loss, "eval_loss": self.eval_loss, "loss_history": self.loss_history,
+                "loss": self.loss, "accuracy": self.accuracy, "eval_loss": self.eval_loss,
+                "eval_accuracy": self.eval_accuracy, "loss_history": self.loss_history,
                 "eval_history": self.eval_history}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoopState":
         return cls(step=int(d["step"]), position=DataPosition(int(d["epoch"]), int(d["index"])),
                    trained_tokens=int(d.get("trained_tokens", 0)), label_tokens=int(d.get("label_tokens", 0)),
-                   loss=d.get("loss"), eval_loss=d.get("eval_loss"),
+                   loss=d.get("loss"), accuracy=d.get("accuracy"), eval_loss=d.get("eval_loss"),
+                   eval_accuracy=d.get("eval_accuracy"),
                    loss_history=list(d.get("loss_history", [])), eval_history=list(d.get("eval_history", [])))
 
 
@@ -121,6 +125,27 @@ def _all_reduce_grads(params: list[torch.nn.Parameter], dist_: Dist) -> None:
         off += n
 
 
+class StepResult(NamedTuple):
+    """One optimizer step over all ranks: mean loss and mean token accuracy over the step's
+    label tokens, real tokens and label tokens."""
+    loss: float
+    accuracy: float
+    tokens: int
+    label_tokens: int
+
+
+def validation_seconds(val_tokens: int, train_seconds_per_token: float | None,
+                       measured_s: float | None) -> float:
+    """Seconds one validation-loss pass takes: the last measured pass when there was one (the
+    same work every time), else an upper bound from training's own rate: a forward pass over
+    the validation tokens costs no more than training's forward + backward over as many."""
+    if measured_s is not None:
+        return measured_s
+    if not val_tokens or train_seconds_per_token is None:
+        return 0.0
+    return val_tokens * train_seconds_per_token
+
+
 class TrainLoop:
     def __init__(self, *, model, spec: TrainingSpec, plan: MemoryPlan, examples: Sequence[Example],
                  device: str, pad_id: int, total_steps: int, work_dir, progress, dist_: Dist,
@@ -136,55 +161,84 @@ class TrainLoop:
             optimizer, scheduler = make_optimizer(model, spec, total_steps, device)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.checkpoint_extra = checkpoint_extra or {}
-        # Seconds the job needs after the last step (evaluation): part of every ETA reported.
+        # Seconds the job needs after the last step beyond the validation-loss pass (the
+        # before/after generation), set by the recipe: part of every ETA reported.
         self.eta_after_s = 0.0
+        # The validation-loss pass (run at eval_steps and once after training): its duration
+        # when measured, and the tokens it reads, for the ETA (see validation_seconds).
+        self.val_tokens = sum(len(e) for e in validation) if validation else 0
+        self.val_measured_s: float | None = None
+        self.train_seconds_per_token: float | None = None
         self.last_progress: JobProgress | None = None
         self.sampler = StepSampler(len(examples), spec.batch_size, spec.seed, self.state.position)
 
     # -- one optimizer step ----------------------------------------------------------------
-    def train_step(self) -> tuple[float, int, int]:
-        """Returns (mean loss of the step, real tokens, label tokens) over all ranks."""
+    def train_step(self) -> StepResult:
+        """Mean loss and token accuracy of the step, real tokens and label tokens, over all ranks."""
         rows = self.sampler.next_step()
         exs = [self.examples[i] for i in rows]
         global_labels = sum(e.n_label_tokens for e in exs)
         mine = self.dist.shard(exs)
         mbs = micro_batches(mine, packing=self.plan.packing, token_budget=self.plan.micro_batch_tokens,
                             rows=self.plan.micro_batch_rows, pad_id=self.pad_id)
-        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
+        # [loss sum, correct predictions] of this rank's label tokens (float32 counts are exact
+        # up to 2^24 label tokens a step); one host sync per step, at the end.
+        acc = torch.zeros(2, dtype=torch.float32, device=self.device)
         for mb in mbs:
             mb = mb.to(self.device)
             with autocast(self.device):
-                loss_sum = micro_batch_loss_sum(self.model, mb)
+                loss_sum, correct = micro_batch_loss_and_correct(self.model, mb)
             (loss_sum / global_labels).backward()
-            loss_acc += loss_sum.detach().float()
+            acc[0] += loss_sum.detach().float()
+            acc[1] += correct
         _all_reduce_grads(self.params, self.dist)
-        self.dist.all_reduce_(loss_acc)
+        self.dist.all_reduce_(acc)
         if self.spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.spec.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_acc) / max(global_labels, 1), sum(len(e) for e in exs), global_labels
+        loss_sum, correct = acc.tolist()
+        return StepResult(loss_sum / max(global_labels, 1), correct / max(global_labels, 1),
+                          sum(len(e) for e in exs), global_labels)
 
-    def eval_loss(self) -> float | None:
+    def eval_metrics(self) -> tuple[float, float] | None:
+        """(validation loss, validation mean token accuracy), timed for the ETA."""
         if not self.validation:
             return None
-        from workers.training.evaluate import validation_loss
-        # Every rank computes the same number (all hold the data); only rank 0 reports it.
-        return validation_loss(self.model, self.validation, device=self.device,
-                               token_budget=self.plan.micro_batch_tokens, packing=self.plan.packing,
-                               rows=self.plan.micro_batch_rows, pad_id=self.pad_id)
+        from workers.training.evaluate import validation_metrics
+        t0 = time.perf_counter()
+        # Every rank computes the same numbers (all hold the data); only rank 0 reports them.
+        out = validation_metrics(self.model, self.validation, device=self.device,
+                                 token_budget=self.plan.micro_batch_tokens, packing=self.plan.packing,
+                                 rows=self.plan.micro_batch_rows, pad_id=self.pad_id)
+        self.val_measured_s = time.perf_counter() - t0
+        return out
+
+    def validation_estimate_s(self) -> float:
+        """Seconds of one validation-loss pass (0 without validation data)."""
+        return validation_seconds(self.val_tokens, self.train_seconds_per_token, self.val_measured_s)
+
+    def _evals_left(self, step: int) -> int:
+        """Validation-loss passes still to run after `step`: the in-loop ones at eval_steps
+        (never at the last step) and the final one after training."""
+        if not self.validation:
+            return 0
+        every = self.spec.eval_steps
+        in_loop = (self.total_steps - 1) // every - step // every if every and step < self.total_steps else 0
+        return max(in_loop, 0) + 1
 
     def run(self) -> LoopState:
         st, spec, p = self.state, self.spec, self.progress
         window_t, window_tok, window_lab, window_steps = time.perf_counter(), 0, 0, 0
-        run_t0, run_steps0 = time.perf_counter(), st.step
+        run_t0, run_steps0, run_tok, eval_s = time.perf_counter(), st.step, 0, 0.0
         while st.step < self.total_steps:
             if self.dist.any(p.should_stop(), self.device):
                 raise Cancelled(f"cancelled at step {st.step} of {self.total_steps}")
-            loss, ntok, nlab = self.train_step()
+            loss, accuracy, ntok, nlab = self.train_step()
             st.step += 1
-            st.loss = loss
+            st.loss, st.accuracy = loss, accuracy
+            run_tok += ntok
             st.trained_tokens += ntok
             st.label_tokens += nlab
             st.loss_history.append([st.step, round(loss, 6)])
@@ -193,25 +247,36 @@ class TrainLoop:
             window_steps += 1
             if spec.eval_steps and self.validation and st.step % spec.eval_steps == 0 \
                     and st.step < self.total_steps:
-                st.eval_loss = self.eval_loss()
+                st.eval_loss, st.eval_accuracy = self.eval_metrics()
+                eval_s += self.val_measured_s
                 st.eval_history.append([st.step, round(st.eval_loss, 6)])
                 if self.dist.main:
-                    p.event(f"step {st.step}: validation loss {st.eval_loss:.4f}",
-                            data={"step": st.step, "eval_loss": st.eval_loss})
+                    p.event(f"step {st.step}: validation loss {st.eval_loss:.4f}, "
+                            f"token accuracy {st.eval_accuracy:.4f}",
+                            data={"step": st.step, "eval_loss": st.eval_loss,
+                                  "eval_mean_token_accuracy": round(st.eval_accuracy, 6)})
             last = st.step == self.total_steps
             if st.step % spec.logging_steps == 0 or last:
                 if self.device.startswith("cuda"):
                     torch.cuda.synchronize(self.device)
                 now = time.perf_counter()
                 dt = max(now - window_t, 1e-9)
-                step_s = (now - run_t0) / max(st.step - run_steps0, 1)
+                # Training's own pace (the validation passes it ran are counted apart).
+                train_s = max(now - run_t0 - eval_s, 0.0)
+                step_s = train_s / max(st.step - run_steps0, 1)
+                self.train_seconds_per_token = train_s / max(run_tok, 1)
+                eta = (step_s * (self.total_steps - st.step)
+                       + self.validation_estimate_s() * self._evals_left(st.step) + self.eta_after_s)
                 prog = JobProgress(step=st.step, total_steps=self.total_steps,
                                    epoch=round(self.sampler.epoch_float, 4), loss=round(loss, 6),
-                                   eval_loss=st.eval_loss, learning_rate=self.scheduler.get_last_lr()[0],
+                                   mean_token_accuracy=round(accuracy, 6),
+                                   eval_loss=st.eval_loss,
+                                   eval_mean_token_accuracy=(None if st.eval_accuracy is None
+                                                             else round(st.eval_accuracy, 6)),
+                                   learning_rate=self.scheduler.get_last_lr()[0],
                                    tokens_per_second=round(window_tok / dt, 1),
                                    label_tokens_per_second=round(window_lab / dt, 1),
-                                   eta_seconds=round(step_s * (self.total_steps - st.step) + self.eta_after_s, 1),
-                                   phase="training")
+                                   eta_seconds=round(eta, 1), phase="training")
                 self.last_progress = prog
                 if self.dist.main:
                     p.progress(prog, st.trained_tokens)

@@ -208,18 +208,32 @@ def _parts(model):
     return decoder, head
 
 
-def _ce_chunk(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _ce_chunk(head, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of cross-entropies, number of positions whose argmax logit is the target) of a chunk:
+    the accuracy comes from the logits the loss computes anyway (no grad flows through it)."""
     logits = head(hidden).float()
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    correct = (logits.detach().argmax(dim=-1) == targets).sum()
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), correct
 
 
 def micro_batch_loss_sum(model, mb: MicroBatch, *, chunk: int = CE_CHUNK) -> torch.Tensor:
-    """Sum of token cross-entropies over the micro-batch's label positions.
+    """Sum of token cross-entropies over the micro-batch's label positions (see
+    micro_batch_loss_and_correct)."""
+    return micro_batch_loss_and_correct(model, mb, chunk=chunk)[0]
 
+
+def micro_batch_loss_and_correct(model, mb: MicroBatch, *,
+                                 chunk: int = CE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token cross-entropies over the micro-batch's label positions, how many of those
+    positions the model predicts right: argmax of the logits == the target), both on the device.
+
+    Targets are already shifted (position i holds token i+1, -100 where there is no loss), so
+    dividing the count by the label tokens is the mean token accuracy as HF/TRL report it.
     Logits are computed only at label positions and in chunks of `chunk` tokens, each chunk
     recomputed in backward (torch.utils.checkpoint), so the 65k-vocabulary logits of a whole
-    micro-batch never exist at once. `use_cache=False`: with a cache transformers would not
-    read restarting position_ids as packed sequences.
+    micro-batch never exist at once; the argmax is taken inside the chunk, from those logits.
+    `use_cache=False`: with a cache transformers would not read restarting position_ids as
+    packed sequences.
     """
     idx = mb.label_index
     if idx is None:
@@ -234,17 +248,21 @@ def micro_batch_loss_sum(model, mb: MicroBatch, *, chunk: int = CE_CHUNK) -> tor
     if parts is None:  # generic path: full logits
         out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                     position_ids=mb.position_ids, use_cache=False, **extra)
-        logits = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, idx)
-        return torch.nn.functional.cross_entropy(logits.float(), t, reduction="sum")
+        logits = out.logits.reshape(-1, out.logits.shape[-1]).index_select(0, idx).float()
+        correct = (logits.detach().argmax(dim=-1) == t).sum()
+        return torch.nn.functional.cross_entropy(logits, t, reduction="sum"), correct
     decoder, head = parts
     hidden = decoder(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                      position_ids=mb.position_ids, use_cache=False, **extra).last_hidden_state
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
     total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.int64, device=hidden.device)
     for s in range(0, n, chunk):
-        total = total + torch.utils.checkpoint.checkpoint(
+        loss_c, correct_c = torch.utils.checkpoint.checkpoint(
             _ce_chunk, head, h[s: s + chunk], t[s: s + chunk], use_reentrant=False)
-    return total
+        total = total + loss_c
+        correct = correct + correct_c
+    return total, correct
 
 
 @torch.no_grad()

@@ -12,17 +12,23 @@ from service.core.errors import Cancelled
 class EvalProgress:
     """Reports `evaluating n/N` with the training's last numbers kept (step, loss, ...)."""
 
-    def __init__(self, progress, last: JobProgress, trained_tokens: int, estimate_s: float, total: int):
+    def __init__(self, progress, last: JobProgress, trained_tokens: int, estimate_s: float, total: int,
+                 validation_s: float = 0.0):
+        """`estimate_s`: the before/after generation's estimate; `validation_s`: the
+        validation-loss pass's, which comes first (0 when there is none)."""
         self.progress, self.trained_tokens = progress, trained_tokens
+        self.estimate_s = estimate_s
         self.current = last.model_copy(update={"phase": "evaluating", "eval_done": 0, "eval_total": total or None,
-                                               "eta_seconds": round(estimate_s, 1)})
+                                               "eta_seconds": round(validation_s + estimate_s, 1)})
         self.t0: float | None = None
 
     def start(self) -> None:
         self._report()
 
-    def eval_loss(self, value: float) -> None:
-        self.current = self.current.model_copy(update={"eval_loss": value})
+    def eval_loss(self, value: float, accuracy: float | None = None) -> None:
+        """The validation pass is done: its numbers in, the generation's estimate left."""
+        self.current = self.current.model_copy(update={"eval_loss": value, "eval_mean_token_accuracy": accuracy,
+                                                       "eta_seconds": round(self.estimate_s, 1)})
         self._report()
         self.check_cancel("after the validation loss")
 

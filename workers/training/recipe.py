@@ -322,7 +322,8 @@ class LoRAFinetuneRecipe:
                          progress=self.progress, dist_=self.dist, validation=self.val_examples, state=state,
                          optimizer=self.optimizer, scheduler=self.scheduler,
                          checkpoint_extra={"resume_key": self.resume_key, "memory_plan": plan.to_dict()})
-        # The ETA includes evaluation from the first step on (a timed probe, before training).
+        # The ETA includes evaluation from the first step on: the before/after generation from a
+        # timed probe before training, the validation-loss passes from the loop's own timings.
         self.eval_estimate_s, self.eval_replies = self._eval_estimate()
         loop.eta_after_s = self.eval_estimate_s
         if device.startswith("cuda"):
@@ -336,6 +337,7 @@ class LoRAFinetuneRecipe:
                 f"out of memory at step {loop.state.step + 1} with plan [{plan.summary()}]: "
                 f"{str(exc).splitlines()[0]}", code="out_of_memory") from exc
         train_s = time.perf_counter() - t_train
+        self.validation_estimate_s = loop.validation_estimate_s()  # the final pass, in evaluate()
         peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
         self.last_progress = loop.last_progress or JobProgress(step=state.step, total_steps=self.n_steps,
                                                                loss=state.loss)
@@ -367,7 +369,8 @@ class LoRAFinetuneRecipe:
     def evaluate(self) -> dict[str, Any]:
         state = self.state
         evaluating = EvalProgress(self.progress, self.last_progress, state.trained_tokens,
-                                  self.eval_estimate_s, self.eval_replies)
+                                  self.eval_estimate_s, self.eval_replies,
+                                  validation_s=self.validation_estimate_s if self.val_examples else 0.0)
         try:
             evaluating.check_cancel(f"after step {state.step}, before evaluation")
             return self._evaluate(evaluating)
@@ -380,11 +383,14 @@ class LoRAFinetuneRecipe:
         if self.val_examples or args is not None:
             evaluating.start()
         metrics: dict[str, Any] = {"train_loss": state.loss}
+        if state.accuracy is not None:
+            metrics["train_mean_token_accuracy"] = round(state.accuracy, 6)
         if self.val_examples:
-            metrics["eval_loss"] = loss = _final_eval_loss(self.model, self.val_examples, device, self.plan,
-                                                           self.pad_id)
-            self.say(f"validation loss {loss:.4f}", data={"eval_loss": loss, "step": state.step})
-            evaluating.eval_loss(loss)
+            loss, accuracy = _final_eval_metrics(self.model, self.val_examples, device, self.plan, self.pad_id)
+            metrics["eval_loss"], metrics["eval_mean_token_accuracy"] = loss, accuracy
+            self.say(f"validation loss {loss:.4f}, token accuracy {accuracy:.4f}",
+                     data={"eval_loss": loss, "eval_mean_token_accuracy": accuracy, "step": state.step})
+            evaluating.eval_loss(loss, accuracy)
         if args is not None:
             metrics["quality"] = self._quality(args, evaluating)
         return metrics
@@ -462,10 +468,13 @@ class LoRAFinetuneRecipe:
             torch.cuda.empty_cache()
 
 
-def _final_eval_loss(model, val: list[Example], device: str, plan: MemoryPlan, pad_id: int) -> float:
-    from workers.training.evaluate import validation_loss
-    return round(validation_loss(model, val, device=device, token_budget=plan.micro_batch_tokens,
-                                 packing=plan.packing, rows=plan.micro_batch_rows, pad_id=pad_id), 6)
+def _final_eval_metrics(model, val: list[Example], device: str, plan: MemoryPlan,
+                        pad_id: int) -> tuple[float, float]:
+    """(validation loss, validation mean token accuracy), rounded as the events carry them."""
+    from workers.training.evaluate import validation_metrics
+    loss, accuracy = validation_metrics(model, val, device=device, token_budget=plan.micro_batch_tokens,
+                                        packing=plan.packing, rows=plan.micro_batch_rows, pad_id=pad_id)
+    return round(loss, 6), round(accuracy, 6)
 
 
 def _downsample(points: list, keep: int = 500) -> list:
