@@ -159,3 +159,32 @@ def test_cuda_nf4_kernels_serve_the_base_and_match_bitsandbytes(gpu_engine, tmp_
     assert rel(ours_alone[0], bnb_alone[0]) < rel(ours_alone[0], bnb_alone[3])
     assert rel(ours_alone[3], bnb_alone[3]) < rel(ours_alone[3], bnb_alone[0])
 
+
+
+def test_cuda_fused_ops_match_transformers_ops(gpu_engine, tmp_path):
+    """The fixture engine runs RMSNorm and rotary through our fused kernels (the default);
+    an engine with `fused_ops=False` runs transformers' ops. Teacher-forced logits of the two
+    within twice the fixture's own spread across batch shapes (bf16: the norm's float32 sum
+    order can move a rounding), rows independent of their slot."""
+    assert gpu_engine.stats()["fused_ops"] == {"rms_norm": 2 * len(gpu_engine._runner.inner.layers) + 1,
+                                               "attention": len(gpu_engine._runner.inner.layers)}
+    cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
+    fused_alone, fused_mixed, _ = teacher_forced_rows(gpu_engine, "t1", cases)
+    settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
+                               max_batch_size=8, max_seq_len=256, nf4_kernels=False, fused_ops=False)
+    plain = InferenceEngine(settings, gpu_engine.registry)
+    run(plain.start())
+    try:
+        assert plain.stats()["fused_ops"] == {}
+        plain_alone, plain_mixed, plain_reversed = teacher_forced_rows(plain, "t1", cases)
+    finally:
+        run(plain.stop())
+
+    def rel(a, b):
+        return float((a - b).abs().max() / a.abs().max())
+    noise = max(rel(a, m) for a, m in zip(fused_alone, fused_mixed))
+    diffs = [rel(f, p) for f, p in zip(fused_alone, plain_alone)]
+    print("fused vs transformers ops", [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
+    assert max(diffs) <= 2 * noise + 1e-6
+    assert max(rel(m, r) for m, r in zip(plain_mixed, plain_reversed)) <= 1e-3
+    assert rel(fused_alone[0], plain_alone[0]) < rel(fused_alone[0], plain_alone[3])

@@ -197,7 +197,8 @@ class InferenceEngine:
             device=torch.device(self.device), cuda_graphs=getattr(settings, "cuda_graphs", True),
             torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
             nf4_kernel_rows=(settings.nf4_kernel_min_rows, settings.nf4_kernel_max_rows),
-            lora_kernels=settings.lora_kernels)
+            lora_kernels=settings.lora_kernels,
+            fused_ops=settings.fused_ops and torch.device(self.device).type == "cuda")
         self._runner = runner
         self._stop_ids = frozenset(int(i) for i in stop_ids)
         self._free = list(range(settings.max_batch_size))
@@ -634,6 +635,7 @@ class InferenceEngine:
         if runner is not None:
             out["cuda_graphs"] = runner.use_graphs and not runner._graph_failed
             out["captured_graphs"] = runner.graph_count
+            out["fused_ops"] = dict(runner.fused_ops)
             out["memory"] = runner.memory()
         if self._cache is not None:
             out["adapters"] = self._cache.stats()

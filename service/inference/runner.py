@@ -82,7 +82,8 @@ class ModelRunner:
                  lora_targets: Sequence[str] | str, lora_budget_bytes: int, device: torch.device,
                  cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
                  max_lora_columns: int = 4096, nf4_kernels: bool = False,
-                 nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False):
+                 nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False,
+                 fused_ops: bool = False):
         self.model = model.eval()
         self.slot_attention = _use_slot_attention(model)
         self.device = torch.device(device)
@@ -109,6 +110,9 @@ class ModelRunner:
                                             self.ctx)
         self.shapes = {n: (w.in_features, w.out_features) for n, w in self.wrapped.items()}
         self.nf4_kernel_layers = self._use_nf4_kernels(nf4_kernel_rows) if nf4_kernels and self.device.type == "cuda" else 0
+        # RMSNorm and rotary through our fused kernels (any device the kernels run on: CUDA, or
+        # the interpreter in tests; the engine asks for it on CUDA only).
+        self.fused_ops = self._use_fused_ops() if fused_ops else {}
         self.ctx.kernels = bool(lora_kernels) and self.device.type == "cuda" and self._kernels_available()
         self.alloc = ColumnAllocator(self.capacity)
         self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
@@ -162,6 +166,16 @@ class ModelRunner:
         swapped = use_nf4_kernels(self.model, rows)
         log.info("NF4 kernels serve %d layers (batches of %d-%d rows)", swapped, *rows)
         return swapped
+
+    def _use_fused_ops(self) -> dict[str, int]:
+        if not self._kernels_available():
+            return {}
+        from service.inference.kernels.decoder import use_fused_ops
+
+        counts = use_fused_ops(self.model)
+        log.info("fused kernels serve %d RMSNorm and %d attention (rotary) modules",
+                 counts["rms_norm"], counts["attention"])
+        return counts
 
     # ----------------------------------------------------------------------------------
     # adapters (columns of the LoRA pool)
