@@ -2,7 +2,7 @@
 # One GPU call of this round (the device tool's nvidia-h200): install the carried wheels, then
 # the steps named as arguments, each logging under $OUT. Steps:
 #   tests   GPU tests of the inference engine (pytest -m gpu) and the kernels' tests compiled
-#   serving bench/serving.py: bitsandbytes, our kernels, our kernels + compiled layers (one process)
+#   serving bench/serving.py: bitsandbytes (previous path), our NF4 kernels unfused, the default (one process)
 #   floor   bench/kernels.py: NF4 matmuls of one decode step, ours (one code / exact) vs bnb vs bf16
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,7 +14,7 @@ for step in "$@"; do
   case $step in
     tests)   timeout 300 python3 -m pytest -m gpu -q -p no:randomly -s api_tests/inference > "$OUT/gpu_tests.log" 2>&1
              timeout 200 python3 -m pytest -q -p no:randomly api_tests/inference/kernels >> "$OUT/gpu_tests.log" 2>&1 ;;
-    serving) timeout 560 python3 bench/serving.py --compare-bnb --compare-uncompiled --compile --tokens 128 \
+    serving) timeout 560 python3 bench/serving.py --compare-bnb --compare-unfused --profile --tokens 128 \
                --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
     floor)   timeout 300 python3 bench/kernels.py --skip-sweep --skip-lora --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
   esac

@@ -216,9 +216,52 @@ def base_weight_bytes(model) -> int:
     return total
 
 
+KERNEL_GROUPS = [  # (group, substrings of a kernel name), first match wins
+    ("nf4_ours", ("_nf4_mma", "_splitk_reduce")), ("nf4_bitsandbytes", ("gemv_4bit", "kDequantize", "gemm_4bit")),
+    ("fused_norm_rotary", ("_rms_norm", "_rotate")), ("gemm_cublas", ("gemm", "gemv", "cutlass", "sm90_xmma", "splitK")),
+    ("softmax", ("softmax",)), ("index_cat_copy", ("index", "cat", "copy", "scatter", "gather")),
+    ("reduce", ("reduce",)), ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def profile_decode(engine, rows: int, kv_len: int = 256, hw: int = 8, reps: int = 5) -> dict:
+    """Kernels of one eager decode step (the kernels a graph replays), grouped: count and GPU
+    time per step. Runs the runner directly while the engine is idle (free slots only)."""
+    runner = engine._runner
+    hw = min(hw, runner.capacity)
+    graphs, runner.use_graphs = runner.use_graphs, False
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                runner.decode(rows, kv_len, hw)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    runner.decode(rows, kv_len, hw)
+                torch.cuda.synchronize()
+    finally:
+        runner.use_graphs = graphs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    groups: dict[str, list] = {}
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        us = e.time_range.elapsed_us()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in e.name for k in keys)), "other")
+        acc = groups.setdefault(group, [0, 0.0])
+        acc[0] += 1
+        acc[1] += us
+        by_name[e.name[:90]] = by_name.get(e.name[:90], 0.0) + us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return {"rows": rows, "kv_len": kv_len, "lora_columns": hw, "kernels_per_step": round(len(kernels) / reps, 1),
+            "gpu_ms_per_step": round(sum(v[1] for v in groups.values()) / reps / 1e3, 3),
+            "groups": {g: {"kernels": round(c / reps, 1), "ms": round(t / reps / 1e3, 3)} for g, (c, t) in
+                       sorted(groups.items(), key=lambda kv: -kv[1][1])},
+            "top_kernels_ms": {n: round(t / reps / 1e3, 3) for n, t in top}}
+
+
 # --------------------------------------------------------------------------------------
 async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool,
-                     lora_kernels: bool = False, compile: bool | None = None) -> None:
+                     lora_kernels: bool = False, compile: bool | None = None, fused_ops: bool = True) -> None:
     """One engine, measured. `prefix` names its rows (e.g. "bnb_" for bitsandbytes' kernels)."""
     from service.core.config import Settings
     from service.core.registry import AdapterRegistry
@@ -233,7 +276,7 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
                         torch_compile=args.compile if compile is None else compile,
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
                         nf4_kernel_min_rows=args.nf4_min_rows, nf4_kernel_max_rows=args.nf4_max_rows,
-                        lora_kernels=lora_kernels)
+                        lora_kernels=lora_kernels, fused_ops=fused_ops)
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -275,6 +318,9 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
         rec(f"{prefix}concurrent_large_first_run",
             await concurrent(engine, large, args.large_streams, args.tokens, prompt))
         rec(f"{prefix}concurrent_large", await concurrent(engine, large, args.large_streams, args.tokens, prompt))
+    if device == "cuda" and args.profile:
+        for rows in (1, args.streams):
+            rec(f"{prefix}profile_rows{rows}", profile_decode(engine, rows))
     if not full:
         await engine.stop()
         del engine
@@ -310,11 +356,11 @@ async def main_async(args) -> None:
     base = build_base(args)
     if args.compare_bnb and not args.tiny:
         # The previous path (bitsandbytes' NF4 kernels), same process, same card, first.
-        await run_engine(args, base, "bnb_", nf4_kernels=False, full=False, compile=False)
-    if args.compare_uncompiled and not args.tiny:
-        # This round's kernels without torch.compile'd layers, same process, before.
-        await run_engine(args, base, "uncompiled_", nf4_kernels=not args.no_nf4_kernels, full=True,
-                         lora_kernels=args.lora_kernels, compile=False)
+        await run_engine(args, base, "bnb_", nf4_kernels=False, full=False, compile=False, fused_ops=False)
+    if args.compare_unfused and not args.tiny:
+        # Our NF4 kernels without the fused norm / rotary kernels, same process, before.
+        await run_engine(args, base, "unfused_", nf4_kernels=not args.no_nf4_kernels, full=False,
+                         lora_kernels=args.lora_kernels, fused_ops=False)
     await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True,
                      lora_kernels=args.lora_kernels)
     if args.kernel_floor and not args.tiny:
@@ -341,8 +387,9 @@ def main() -> None:
     p.add_argument("--adapter-budget", type=int, default=512 * 1024 * 1024)
     p.add_argument("--no-graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (then graphs)")
-    p.add_argument("--compare-uncompiled", action="store_true",
-                   help="before the main engine, the same engine without --compile (rows uncompiled_*)")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="before the main engine, the same engine without the fused norm/rotary kernels (rows unfused_*)")
+    p.add_argument("--profile", action="store_true", help="kernels of one eager decode step per engine (torch.profiler)")
     p.add_argument("--only-single", action="store_true", help="stop after the one-stream measurements")
     p.add_argument("--seed-baseline", action="store_true",
                    help="first run bench/reference/seed_recipe_bench.py infer (same card, same checkpoint)")
