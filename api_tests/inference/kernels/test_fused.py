@@ -84,12 +84,14 @@ def test_rotary_equals_transformers_bit_for_bit(family, dtype):
     if DEVICE == "cpu":
         assert torch.equal(ours_q, ref_q) and torch.equal(ours_k, ref_k)
     else:
-        # Compiled, the kernel is not bit-identical (H200, triton 3.6: float32 results differ in
-        # the last bit, as LLVM contracts the multiply-add into an FMA; bf16 ones in a few
-        # elements by one unit): held to one rounding of the output dtype instead.
-        for ours, ref in ((ours_q, ref_q), (ours_k, ref_k)):
+        # Compiled, the kernel is not bit-identical (H200, triton 3.6: float32 and a few bf16
+        # elements differ, as if a product's rounding were skipped: LLVM contracts multiply-adds
+        # into FMAs). Held to one rounding of each of the sum's two terms and of the sum, each
+        # term at most max|x| of its row (|cos|, |sin| <= 1): 3 ulps of that, format-derived.
+        for x, ours, ref in ((q, ours_q, ref_q), (k, ours_k, ref_k)):
             err = (ours.double() - ref.double()).abs()
-            assert (err <= 2 * torch.finfo(dtype).eps * ref.double().abs() + torch.finfo(dtype).tiny).all()
+            row_max = x.double().abs().amax(-1, keepdim=True)
+            assert (err <= 3 * torch.finfo(dtype).eps * row_max + torch.finfo(dtype).tiny).all(), err.max()
             if dtype != torch.float32:
                 assert (err == 0).double().mean() >= 0.9
     assert ours_q.stride() == q.stride()
