@@ -110,7 +110,7 @@ def test_use_fused_ops_keeps_the_models_logits(family):
         ref = model(ids).logits
         counts = use_fused_ops(model)
         ours = model(ids).logits
-    assert counts == {"rms_norm": 2 * 2 + 1, "attention": 2}
+    assert counts == {"rms_norm": 2 * 2 + 1, "attention": 2 if family == "glm" else 0}
     # float32: only the norm's summation order and rsqrt differ, a few ulps through 2 layers
     scale = ref.abs().max()
     assert (ours - ref).abs().max() <= 64 * torch.finfo(torch.float32).eps * scale
@@ -148,7 +148,7 @@ def test_runner_decode_with_fused_ops_equals_without(family, tmp_path):
         runner = ModelRunner(fresh().to(DEVICE), num_slots=4, max_seq_len=64, lora_targets=targets, lora_budget_bytes=1 << 20,
                              device=torch.device(DEVICE), fused_ops=fused)
         runner.pad_shapes = True
-        assert runner.fused_ops == ({"rms_norm": 5, "attention": 2} if fused else {})
+        assert runner.fused_ops == ({"rms_norm": 5, "attention": 2 if family == "glm" else 0} if fused else {})
         hw = 0
         for slot, d in {0: dirs[0], 2: dirs[1]}.items():
             cols = runner.upload_adapter(parse_peft_adapter(d, runner.shapes, runner.dtype))

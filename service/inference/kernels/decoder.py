@@ -17,6 +17,9 @@ from service.inference.kernels import fused as _fused
 
 # Class name -> the rotary layout its transformers code applies.
 INTERLEAVED_ROTARY = {"GlmAttention": True, "LlamaAttention": False}
+# Attention served with the fused rotary: GLM only. Llama's rotate-half layout, compiled on an
+# H200, failed its bf16 bound against transformers (test_fused.py); it keeps transformers' code.
+FUSED_ATTENTION = {"GlmAttention"}
 # Llama-style RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype).
 RMS_NORMS = {"GlmRMSNorm", "LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
 
@@ -93,7 +96,7 @@ def use_fused_ops(model: torch.nn.Module) -> dict[str, int]:
         if name in RMS_NORMS and hasattr(module, "variance_epsilon") and module.weight.dim() == 1:
             module.forward = types.MethodType(_norm_forward, module)
             counts["rms_norm"] += 1
-        elif name in INTERLEAVED_ROTARY and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj",
+        elif name in FUSED_ATTENTION and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                                                "head_dim", "scaling", "layer_idx")):
             module._tuneserve_interleaved = INTERLEAVED_ROTARY[name]
             module.forward = types.MethodType(_attention_forward, module)
