@@ -33,6 +33,11 @@ def gpu_engine(tmp_path_factory, base_fp32):
     run(engine.stop())
 
 
+def rel(a, b) -> float:
+    """Largest elementwise difference relative to a's largest magnitude."""
+    return float((a - b).abs().max() / a.abs().max())
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -92,8 +97,6 @@ def test_cuda_teacher_forced_rows_are_isolated(gpu_engine):
              (PROMPTS[0], "g2"), (PROMPTS[4], "g1")]
     alone, mixed, mixed_reversed = teacher_forced_rows(gpu_engine, "t1", cases)
 
-    def rel(a, b):
-        return float((a - b).abs().max() / a.abs().max())
     by_slot = [rel(m, r) for m, r in zip(mixed, mixed_reversed)]
     vs_alone = [rel(a, m) for a, m in zip(alone, mixed)]
     print("relative logit diff: reversed slots", [round(x, 5) for x in by_slot],
@@ -145,8 +148,6 @@ def test_cuda_nf4_kernels_serve_the_base_and_match_bitsandbytes(gpu_engine, tmp_
     finally:
         run(ours_engine.stop())
 
-    def rel(a, b):
-        return float((a - b).abs().max() / a.abs().max())
     noise = max(rel(a, m) for a, m in zip(bnb_alone, bnb_mixed))
     ours_vs_bnb = [rel(o, b) for o, b in zip(ours_alone, bnb_alone)]
     ours_shapes = [rel(a, m) for a, m in zip(ours_alone, ours_mixed)]
@@ -180,8 +181,6 @@ def test_cuda_fused_ops_match_transformers_ops(gpu_engine, tmp_path):
     finally:
         run(plain.stop())
 
-    def rel(a, b):
-        return float((a - b).abs().max() / a.abs().max())
     noise = max(rel(a, m) for a, m in zip(fused_alone, fused_mixed))
     diffs = [rel(f, p) for f, p in zip(fused_alone, plain_alone)]
     print("fused vs transformers ops", [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
