@@ -4,6 +4,8 @@
 #   tests   GPU tests of the inference engine (pytest -m gpu) and the kernels' tests compiled
 #   serving bench/serving.py: bitsandbytes (previous path), our NF4 kernels unfused, the default (one process)
 #   floor   bench/kernels.py: NF4 matmuls of one decode step, ours (one code / exact) vs bnb vs bf16
+#   fma     the same, with the CUDA-core kernel's config sweep (and the mma one-dot variant)
+#   kernels the kernels' tests, compiled
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -16,6 +18,9 @@ for step in "$@"; do
              timeout 200 python3 -m pytest -q -p no:randomly api_tests/inference/kernels >> "$OUT/gpu_tests.log" 2>&1 ;;
     serving) timeout 560 python3 bench/serving.py --compare-bnb --compare-unfused --profile --tokens 128 \
                --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
+    kernels) timeout 300 python3 -m pytest -q -p no:randomly api_tests/inference/kernels > "$OUT/kernel_tests.log" 2>&1 ;;
+    fma)     timeout 400 python3 bench/kernels.py --skip-sweep --skip-lora --fma-sweep --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
+    diag)    timeout 60 python3 bench/diag/rotary_llama.py > "$OUT/diag_rotary.log" 2>&1 ;;
     floor)   timeout 300 python3 bench/kernels.py --skip-sweep --skip-lora --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
   esac
   echo "$step rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"

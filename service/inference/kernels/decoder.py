@@ -54,7 +54,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
         _fused._rotate[(b * t, h)](
             x, out, cos, sin, h, t, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1),
             D=d, ROT=rot, INTERLEAVED=interleaved, HALF_POW2=triton.next_power_of_2(rot // 2),
-            PASS_POW2=triton.next_power_of_2(max(d - rot, 1)), num_warps=1)
+            PASS_POW2=triton.next_power_of_2(max(d - rot, 1)), num_warps=1,
+            enable_fp_fusion=False)  # each product rounded on its own, as PyTorch does (no FMA contraction)
     return out
 
 
