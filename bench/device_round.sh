@@ -3,8 +3,9 @@
 # the steps named as arguments, each logging under $OUT. Steps:
 #   tests   GPU tests of the inference engine (pytest -m gpu) and the kernels' tests compiled
 #   serving bench/serving.py: bitsandbytes (previous path), our NF4 kernels unfused, the default (one process)
+#   serving-bnb  the same without the unfused engine (bitsandbytes, unfused = previous path, vs the default)
 #   floor   bench/kernels.py: NF4 matmuls of one decode step, ours (one code / exact) vs bnb vs bf16
-#   fma     the same, with the CUDA-core kernel's config sweep (and the mma one-dot variant)
+#   variants the same, with the tensor-core kernel's default vs its two-dot form
 #   kernels the kernels' tests, compiled
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,8 +19,10 @@ for step in "$@"; do
              timeout 200 python3 -m pytest -q -p no:randomly api_tests/inference/kernels >> "$OUT/gpu_tests.log" 2>&1 ;;
     serving) timeout 560 python3 bench/serving.py --compare-bnb --compare-unfused --profile --tokens 128 \
                --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
+    serving-bnb) timeout 500 python3 bench/serving.py --compare-bnb --profile --tokens 128 \
+               --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
     kernels) timeout 300 python3 -m pytest -q -p no:randomly api_tests/inference/kernels > "$OUT/kernel_tests.log" 2>&1 ;;
-    fma)     timeout 400 python3 bench/kernels.py --skip-sweep --skip-lora --fma-sweep --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
+    variants) timeout 400 python3 bench/kernels.py --skip-sweep --skip-lora --variants --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
     diag)    timeout 60 python3 bench/diag/rotary_llama.py > "$OUT/diag_rotary.log" 2>&1 ;;
     floor)   timeout 300 python3 bench/kernels.py --skip-sweep --skip-lora --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1 ;;
   esac

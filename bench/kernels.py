@@ -110,8 +110,7 @@ def check(quick: bool) -> None:
         ops = K.operands(p)
         outs = dict(entry=K.nf4_matmul(x, p, b), mma=K.launch_mma(x, ops, y.clone(), b),
                     mma_one_code=K.launch_mma(x, ops, y.clone(), b, K.MmaConfig(split_code=False)),
-                    mma_pair=K.launch_mma(x, ops, y.clone(), b, dataclasses.replace(K.mma_config(m), pair=True, prefetch=True)),
-                    fma=K.launch_fma(x, ops, y.clone(), b),
+                    mma_two_dots=K.launch_mma(x, ops, y.clone(), b, dataclasses.replace(K.mma_config(m), pair=False)),
                     gemv=K.launch_gemv(x, ops, y.clone(), b), gemm=K.launch_gemm(x, ops, y.clone(), b),
                     bnb=bnb.matmul_4bit(x, p.t(), bias=b, quant_state=p.quant_state),
                     rounded32=exact32.to(dtype), rounded16=exact16.to(dtype))
@@ -205,82 +204,34 @@ def _weight_copies():
     return weights
 
 
-def sweep_fma(quick: bool) -> dict:
-    """`_nf4_fma` (CUDA cores) launch configs for 1, 2 and 4 rows, and the tensor-core kernel's
-    one-dot (`pair`) and prefetching variants next to its default. Returns {m: best FmaConfig
-    over the step's four shapes, "mma": {m: best MmaConfig}}."""
+def mma_variants() -> None:
+    """The tensor-core kernel's default (one K=64 dot per step on joined codes) next to the two
+    K=32 dots on even/odd activation columns it replaced, all four step shapes, 1-128 rows."""
     from service.inference import kernels as K
 
     weights = _weight_copies()
-    table = []
-    variants = [K.FmaConfig(block_n=bn, blocks_per_step=nb, num_warps=nw, prefetch=pf)
-                for bn, nb, nw, pf in itertools.product((8, 16, 32), (4, 8, 16), (2, 4), (True, False))]
-    if quick:
-        variants = variants[::4]
-    best = {}
-    for m in (1, 2, 4):
-        totals = {}
-        for cfg in variants:
-            per = {}
-            for (k, n) in SHAPES:
-                ws, opss = weights[(k, n)]
-                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                try:
-                    t = graph_time(lambda: [K.launch_fma(x, o, y, None, cfg) for o in opss]) / len(opss)
-                except Exception as e:  # noqa: BLE001 - a config the compiler refuses
-                    table.append(dict(k=k, n=n, m=m, cfg=cfg.__dict__, error=repr(e)[:300]))
-                    break
-                per[(k, n)] = t
-                table.append(dict(k=k, n=n, m=m, cfg=cfg.__dict__, us=round(t * 1e6, 2),
-                                  GBps=round((n * k / 2) / t / 1e9)))
-            if len(per) == len(SHAPES):
-                totals[cfg] = sum(per.values())
-        c = min(totals, key=totals.get)
-        best[m] = c
-        rec(f"fma_best_m{m}", dict(cfg=c.__dict__, step_shapes_us=round(totals[c] * 1e6, 2),
-                                   layer_GBps=round(sum(n * k / 2 for k, n in SHAPES) / totals[c] / 1e9)))
-    rec("fma_sweep", table)
-    pair_rows = []
-    mma_best = {}
+    rows = []
     for m in (1, 8, 16, 32, 64, 128):
         base = K.mma_config(m)
-        cands = [("default", base), ("pair", dataclasses.replace(base, pair=True))]
-        for bn, st in itertools.product((64, 128, 256), (1, 2, 3)):
-            if bn == 256 and m > 16:
-                continue
-            cands.append((f"pair_prefetch_bn{bn}_st{st}",
-                          dataclasses.replace(base, pair=True, prefetch=True, block_n=bn, num_stages=st)))
         totals = {}
-        for label, cfg in cands:
+        for label, cfg in (("default", base), ("two_dots", dataclasses.replace(base, pair=False))):
             total = 0.0
             for (k, n) in SHAPES:
                 ws, opss = weights[(k, n)]
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                try:
-                    total += graph_time(lambda: [K.launch_mma(x, o, y, None, cfg) for o in opss]) / len(opss)
-                except Exception as e:  # noqa: BLE001
-                    total = float("nan")
-                    pair_rows.append(dict(m=m, variant=label, error=repr(e)[:300]))
-                    break
-            if total == total:
-                totals[label] = (total, cfg)
-            pair_rows.append(dict(m=m, variant=label, cfg=cfg.__dict__, step_shapes_us=round(total * 1e6, 2)))
-            print(pair_rows[-1], flush=True)
-        label = min(totals, key=lambda lb: totals[lb][0])
-        mma_best[m] = totals[label][1]
-        rec(f"mma_variant_best_m{m}", dict(variant=label, cfg=totals[label][1].__dict__,
-                                           us=round(totals[label][0] * 1e6, 2),
-                                           vs_default=round(totals["default"][0] / totals[label][0], 3)))
-    best["mma"] = mma_best
-    rec("mma_pair", pair_rows)
+                total += graph_time(lambda: [K.launch_mma(x, o, y, None, cfg) for o in opss]) / len(opss)
+            totals[label] = total
+        rows.append(dict(m=m, default_us=round(totals["default"] * 1e6, 2),
+                         two_dots_us=round(totals["two_dots"] * 1e6, 2),
+                         speedup=round(totals["two_dots"] / totals["default"], 3)))
+        print(rows[-1], flush=True)
+    rec("mma_variants", rows)
     del weights
     torch.cuda.empty_cache()
-    return best
 
 
-def floor(best: dict, fma_best: dict | None = None) -> None:
+def floor(best: dict) -> None:
     """All NF4 matmuls of one decode step in one graph: ours vs bitsandbytes vs dense bf16."""
     import bitsandbytes as bnb
 
@@ -314,11 +265,6 @@ def floor(best: dict, fma_best: dict | None = None) -> None:
                 y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
                 (K.launch_gemv if m <= K.GEMV_MAX_ROWS else K.launch_gemm)(xs[k], o, y, None)
 
-        def fma_step(cfg=None):  # the CUDA-core kernel at every row count it is swept for
-            for p, o, k, n in ws:
-                y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                K.launch_fma(xs[k], o, y, None, cfg)
-
         def tuned_step():
             for p, o, k, n in ws:
                 entry = best.get((k, n, m))
@@ -337,17 +283,6 @@ def floor(best: dict, fma_best: dict | None = None) -> None:
                  ("ours_exact_codes", exact_step)]
         if m <= 32:
             steps.append(("previous", previous_step))
-        mma_swept = (fma_best or {}).get("mma", {})
-        if m in mma_swept:
-            def swept_step(cfg=mma_swept[m]):
-                for p, o, k, n in ws:
-                    y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                    K.launch_mma(xs[k], o, y, None, cfg)
-            steps.append(("ours_mma_swept", swept_step))
-        if m <= 4:
-            steps.append(("ours_fma_default", fma_step))
-            if m in (fma_best or {}):
-                steps.append(("ours_fma_tuned", lambda: fma_step(fma_best[m])))
         for name, fn in steps:
             t = graph_time(fn, reps=10)
             row[f"{name}_ms"] = round(t * 1e3, 3)
@@ -418,7 +353,7 @@ def main() -> None:
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--lora-only", action="store_true", help="only the multi-LoRA kernels' step timing")
     ap.add_argument("--skip-lora", action="store_true")
-    ap.add_argument("--fma-sweep", action="store_true", help="sweep the CUDA-core kernel's configs (and mma pair)")
+    ap.add_argument("--variants", action="store_true", help="the tensor-core kernel's default vs its two-dot form")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     assert torch.cuda.is_available(), "GPU only"
@@ -432,11 +367,10 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.time()
     best: dict = {}
-    fma_best: dict = {}
     sections = [("check", lambda: check(args.quick)),
                 ("sweep", lambda: best.update({} if args.skip_sweep else sweep_mma(args.quick))),
-                ("fma_sweep", lambda: fma_best.update(sweep_fma(args.quick) if args.fma_sweep else {})),
-                ("floor", lambda: floor(best, fma_best)), ("lora", lora)]
+                ("variants", lambda: mma_variants() if args.variants else None),
+                ("floor", lambda: floor(best)), ("lora", lora)]
     if args.lora_only:
         sections = [("lora", lora)]
     elif args.skip_lora:

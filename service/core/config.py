@@ -71,13 +71,13 @@ class Settings(BaseSettings):
     # NF4 matmuls of nf4_kernel_min_rows..nf4_kernel_max_rows rows through our Triton kernel
     # (service/inference/kernels: NF4 within bf16 rounding, CUDA only); other row counts and
     # shapes stay bitsandbytes'. The default range is where ours is faster on an H200
-    # (bench/results/h200-2026-12-03/kernels.json, "floor": a decode step's NF4 matmuls at
-    # 2 rows 3.86 ms vs bitsandbytes' 4.42, 8 rows 3.93 vs 10.44, 32 rows 4.96 vs 10.38,
-    # 64 rows 5.38 vs 10.18); bitsandbytes wins at 1 row (its GEMV, 2.94 vs 4.03) and at
-    # 128 rows (10.74 vs 11.74).
+    # (bench/results/h200-2026-12-03b/kernels_fma_pair_prefetch.json, "floor", one-dot kernel
+    # "ours_mma_swept" vs bitsandbytes: a decode step's NF4 matmuls at 8 rows 3.45 vs 10.38 ms,
+    # 32 rows 4.07 vs 10.33, 128 rows 7.24 vs 10.91); bitsandbytes wins at 1 row (its GEMV,
+    # 2.94 vs 3.64; our CUDA-core kernel reached 3.14, bench/results/h200-2026-12-03b).
     nf4_kernels: bool = True
     nf4_kernel_min_rows: int = Field(default=2, ge=1, le=128)
-    nf4_kernel_max_rows: int = Field(default=64, ge=1, le=128)
+    nf4_kernel_max_rows: int = Field(default=128, ge=1, le=128)
     # Opt-in: the multi-LoRA term as two Triton kernels (shrink, expand) instead of PyTorch's
     # GEMMs + multiply + add (CUDA only).
     lora_kernels: bool = False

@@ -120,8 +120,7 @@ def test_mma_kernel_is_faithful_to_exact_nf4(case):
     whole = kernels.MmaConfig(block_n=16, block_m=16, target_programs=1, split_code=True)
     split = dataclasses.replace(whole, block_n=32, target_programs=64, min_steps=1)
     assert kernels.mma_split(ops, m, whole)[0] == 1 and kernels.mma_split(ops, m, split)[0] > 1
-    for cfg in (whole, split, dataclasses.replace(split, swap=False), dataclasses.replace(split, pair=True),
-                dataclasses.replace(split, pair=True, prefetch=True)):
+    for cfg in (whole, split, dataclasses.replace(split, swap=False), dataclasses.replace(split, pair=False)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         kernels.launch_mma(x, ops, out, bias, cfg)
         assert_faithful(out, x, p, bias, weights="float32", code_error=CODE_ERROR[dtype])
@@ -144,8 +143,7 @@ def test_mma_default_is_faithful_to_nf4_within_one_code_rounding(case):
     whole = kernels.MmaConfig(block_n=16, block_m=16, target_programs=1)
     split = dataclasses.replace(whole, block_n=32, target_programs=64, min_steps=1)
     assert not whole.split_code and kernels.mma_config(m).split_code is False
-    for cfg in (whole, split, dataclasses.replace(split, swap=False), dataclasses.replace(whole, pair=True),
-                dataclasses.replace(split, pair=True, prefetch=True)):
+    for cfg in (whole, split, dataclasses.replace(split, swap=False), dataclasses.replace(whole, pair=False)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
         kernels.launch_mma(x, ops, out, bias, cfg)
         assert_faithful(out, x, p, bias, weights="float32", code_error=ONE_CODE_ERROR[dtype])
@@ -153,34 +151,6 @@ def test_mma_default_is_faithful_to_nf4_within_one_code_rounding(case):
     ref = F.dequantize_4bit(p.data, p.quant_state).to(dtype)
     theirs = (x.float() @ ref.float().T + (bias.float() if bias is not None else 0)).to(dtype)
     assert_faithful(theirs, x, p, bias, weights="float32", code_error=2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)  # unit roundoff
-
-
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}"
-                         f"{'-nested' if c[3] else ''}{'-bias' if c[6] else ''}")
-def test_fma_kernel_is_faithful_to_nf4_within_one_code_rounding(case):
-    """`_nf4_fma` (what serves one row): one code value per nibble in the compute dtype, each
-    block's dot scaled by its absmax; held to the exact NF4 value plus that code's rounding
-    (float32 inputs use the float32 code: the exact bound), with a loop step of one block,
-    several blocks (the last step masked where the row has fewer), and tiles wider than N."""
-    m, n, dtype = case[0], case[1], case[4]
-    p, ops, x, bias = case_operands(case)
-    error = ONE_CODE_ERROR.get(dtype, 0.0)
-    for cfg in (kernels.FmaConfig(block_n=8, blocks_per_step=1), kernels.FmaConfig(block_n=64, blocks_per_step=4),
-                kernels.FmaConfig(block_n=16, blocks_per_step=2, prefetch=False),
-                kernels.FMA_CONFIG):
-        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-        kernels.launch_fma(x, ops, out, bias, cfg)
-        assert_faithful(out, x, p, bias, weights="float32", code_error=error)
-
-
-def test_fma_with_one_code_value_is_not_exact():
-    """That bound has teeth too: held to the exact-code bound, one bf16 code per nibble fails."""
-    p = quantized(40, 512, seed=5)
-    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
-    out = torch.empty(1, 40, dtype=torch.bfloat16, device=DEVICE)
-    kernels.launch_fma(x, kernels.operands(p), out, None)
-    with pytest.raises(AssertionError, match="exceeds the rounding bound"):
-        assert_faithful(out, x, p, weights="float32", code_error=CODE_ERROR[torch.bfloat16])
 
 
 def test_mma_with_one_code_value_is_not_exact():

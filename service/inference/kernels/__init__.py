@@ -175,8 +175,10 @@ class MmaConfig:
     split_code: bool = False
     lut_asm: bool = True         # byte permutes in registers; False: table loads
     swap: bool = True            # weights as the dot's left operand (MMA M = output features)
-    pair: bool = False           # one K=64 dot per step on joined (even, odd) codes (swap only)
-    prefetch: bool = False       # pair only: the next step's loads before this step's dot
+    # One K=64 dot per step on each byte's two codes joined in K order (swap only) instead of
+    # two K=32 dots on the even and odd positions: 1.11-1.55x faster from 1 to 128 rows (H200,
+    # bench/results/h200-2026-12-03b/kernels_fma_pair_prefetch.json "mma_pair").
+    pair: bool = True
 
 
 def mma_config(m: int) -> MmaConfig:
@@ -242,49 +244,12 @@ def launch_mma(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1, SPLIT_CODE=split_code, LUT_ASM=asm,
         ASM=table.asm_hi if asm else "", ASM2=table.asm_lo if asm else "",
         DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32, SWAP=cfg.swap,
-        PAIR=cfg.pair and cfg.swap, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        PAIR=cfg.pair and cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split > 1:
         block = 1024
         _nf4._splitk_reduce[(triton.cdiv(m * ops.n, block),)](
             ws, bias if bias is not None else out, out, m, ops.n, out.stride(0), SPLIT_K=split,
             HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-    return out
-
-
-@dataclass(frozen=True)
-class FmaConfig:
-    block_n: int = 8
-    blocks_per_step: int = 8  # quantization blocks per loop step (a power of 2)
-    num_warps: int = 4
-    num_stages: int = 1
-    prefetch: bool = True      # issue the next step's loads before this step's math
-
-
-# Up to this many rows `_nf4_fma` (CUDA cores) serves; above it the tensor-core kernel. Set
-# from bench/kernels.py's floor (H200).
-FMA_MAX_ROWS = 1
-FMA_CONFIG = FmaConfig()
-if os.environ.get("TUNESERVE_NF4_FMA_CONFIG"):  # tuning knob: an FmaConfig as JSON (bench/kernels.py)
-    FMA_CONFIG = FmaConfig(**json.loads(os.environ["TUNESERVE_NF4_FMA_CONFIG"]))
-
-
-def launch_fma(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch.Tensor | None,
-               cfg: FmaConfig | None = None) -> torch.Tensor:
-    """`_nf4_fma`: one program per (row, BLOCK_N output features); one code value per nibble in
-    the compute dtype (bf16/fp16: within one rounding of the exact NF4 value, as `_nf4_mma`'s
-    default; float32: the exact code)."""
-    cfg = cfg or FMA_CONFIG
-    m = x.shape[0]
-    table = ops.tables[x.dtype]
-    asm = not _nf4.INTERPRETING and table.split  # byte permutes need a 16-bit table
-    nb = min(cfg.blocks_per_step, triton.next_power_of_2(ops.k // ops.blocksize))
-    grid = (m, triton.cdiv(ops.n, cfg.block_n))
-    _nf4._nf4_fma[grid](
-        x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, table.hi,
-        bias if bias is not None else out, out, m, ops.n, ops.k, x.stride(0), out.stride(0),
-        NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
-        BLOCK_N=cfg.block_n, NB=nb, LUT_ASM=asm, ASM=table.asm_hi if asm else "", PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
@@ -311,9 +276,7 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(m, ops.n, dtype=x.dtype, device=x.device)
-    if m <= FMA_MAX_ROWS:
-        launch_fma(x2, ops, out, bias)
-    elif ops.blocksize % _nf4.STEP_K.value == 0:
+    if ops.blocksize % _nf4.STEP_K.value == 0:
         launch_mma(x2, ops, out, bias)
     elif m <= GEMV_MAX_ROWS:  # blocksize 32: the per-weight kernels
         launch_gemv(x2, ops, out, bias)
@@ -322,5 +285,5 @@ def nf4_matmul(x: torch.Tensor, weight, bias: torch.Tensor | None = None,
     return out.reshape(*lead, ops.n)
 
 
-__all__ = ["FMA_MAX_ROWS", "MAX_KERNEL_ROWS", "FmaConfig", "LaunchConfig", "MmaConfig", "NF4Operands", "available", "launch_fma", "launch_mma", "nf4_matmul",
+__all__ = ["MAX_KERNEL_ROWS", "LaunchConfig", "MmaConfig", "NF4Operands", "available", "launch_mma", "nf4_matmul",
            "operands"]

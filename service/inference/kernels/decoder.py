@@ -17,9 +17,9 @@ from service.inference.kernels import fused as _fused
 
 # Class name -> the rotary layout its transformers code applies.
 INTERLEAVED_ROTARY = {"GlmAttention": True, "LlamaAttention": False}
-# Attention served with the fused rotary: GLM only. Llama's rotate-half layout, compiled on an
-# H200, failed its bf16 bound against transformers (test_fused.py); it keeps transformers' code.
-FUSED_ATTENTION = {"GlmAttention"}
+# Attention served with the fused rotary. (Llama's rotate-half once failed its bf16 check on an
+# H200: LLVM contracted the rounded products into FMAs; `rotate` now launches without that.)
+FUSED_ATTENTION = set(INTERLEAVED_ROTARY)
 # Llama-style RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)).to(input dtype).
 RMS_NORMS = {"GlmRMSNorm", "LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
 
