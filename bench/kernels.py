@@ -227,6 +227,23 @@ def mma_variants() -> None:
                          speedup=round(totals["two_dots"] / totals["default"], 3)))
         print(rows[-1], flush=True)
     rec("mma_variants", rows)
+    # One row: does any one-dot config beat bitsandbytes' GEMV (2.94 ms a step, 105 us a layer)?
+    one_row = []
+    for bn, nw, target in itertools.product((64, 128, 256, 512), (4, 8), (264, 528, 1056)):
+        cfg = dataclasses.replace(K.mma_config(1), block_n=bn, num_warps=nw, target_programs=target)
+        total = 0.0
+        try:
+            for (k, n) in SHAPES:
+                ws, opss = weights[(k, n)]
+                x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+                y = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
+                total += graph_time(lambda: [K.launch_mma(x, o, y, None, cfg) for o in opss]) / len(opss)
+        except Exception as e:  # noqa: BLE001 - a config the compiler refuses
+            one_row.append(dict(cfg=cfg.__dict__, error=repr(e)[:200]))
+            continue
+        one_row.append(dict(cfg=cfg.__dict__, layer_us=round(total * 1e6, 2)))
+        print(one_row[-1], flush=True)
+    rec("mma_one_row_sweep", one_row)
     del weights
     torch.cuda.empty_cache()
 

@@ -361,6 +361,10 @@ async def main_async(args) -> None:
         # Our NF4 kernels without the fused norm / rotary kernels, same process, before.
         await run_engine(args, base, "unfused_", nf4_kernels=not args.no_nf4_kernels, full=False,
                          lora_kernels=args.lora_kernels, fused_ops=False)
+    if args.compare_lora_torch and not args.tiny:
+        # The default engine, but the LoRA term as PyTorch's GEMMs (the previous path for it).
+        await run_engine(args, base, "lora_torch_", nf4_kernels=not args.no_nf4_kernels, full=False,
+                         lora_kernels=False)
     await run_engine(args, base, "", nf4_kernels=not args.no_nf4_kernels, full=True,
                      lora_kernels=args.lora_kernels)
     if args.kernel_floor and not args.tiny:
@@ -396,9 +400,13 @@ def main() -> None:
     p.add_argument("--large-streams", type=int, default=128, help="the many-streams row (0: skip)")
     p.add_argument("--large-adapters", type=int, default=32)
     p.add_argument("--no-nf4-kernels", action="store_true", help="serve with bitsandbytes' NF4 kernels")
-    p.add_argument("--lora-kernels", action="store_true", help="the multi-LoRA term through our Triton kernels")
     from service.core.config import Settings
 
+    p.add_argument("--no-lora-kernels", dest="lora_kernels", action="store_false",
+                   default=Settings.model_fields["lora_kernels"].default,
+                   help="the multi-LoRA term through PyTorch's GEMMs instead of our Triton kernels")
+    p.add_argument("--compare-lora-torch", action="store_true",
+                   help="also the default engine with the LoRA term through PyTorch's GEMMs (same process, before)")
     p.add_argument("--nf4-min-rows", type=int, default=Settings.model_fields["nf4_kernel_min_rows"].default,
                    help="rows from which our NF4 kernels serve (default: the setting's)")
     p.add_argument("--nf4-max-rows", type=int, default=Settings.model_fields["nf4_kernel_max_rows"].default,

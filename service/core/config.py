@@ -78,9 +78,10 @@ class Settings(BaseSettings):
     nf4_kernels: bool = True
     nf4_kernel_min_rows: int = Field(default=2, ge=1, le=128)
     nf4_kernel_max_rows: int = Field(default=128, ge=1, le=128)
-    # Opt-in: the multi-LoRA term as two Triton kernels (shrink, expand) instead of PyTorch's
-    # GEMMs + multiply + add (CUDA only).
-    lora_kernels: bool = False
+    # The multi-LoRA term through our Triton kernels (CUDA only): an attention's q/k/v terms as
+    # one shrink + one expand together, other modules two launches each, instead of PyTorch's
+    # two GEMMs + multiply + add per module.
+    lora_kernels: bool = True
     # RMSNorm and the rotary embedding of GLM / Llama-family bases through our fused kernels
     # (service/inference/kernels/fused.py; CUDA only): one kernel each instead of ~8 and ~20.
     fused_ops: bool = True

@@ -72,3 +72,48 @@ def test_kernel_path_equals_pool_math(rows, tokens, fan_in, fan_out, hw, dtype):
     for r in range(rows):
         if r % 3 == 2:
             assert torch.equal(kernel_out[r], base_out[r])
+
+
+@pytest.mark.parametrize("rows,tokens,dtype,targets", [
+    (1, 1, torch.bfloat16, "qkv"),     # one decode row, GQA shapes (k, v narrower than q)
+    (6, 1, torch.bfloat16, "qkv"),     # mixed decode batch
+    (3, 5, torch.float16, "qv"),       # a prefill, two of three projections wrapped
+    (9, 1, torch.float32, "qkv"),
+])
+def test_grouped_projections_equal_each_modules_own_kernels(rows, tokens, dtype, targets):
+    """`project_shared_input` runs the LoRA terms of q, k, v in one shrink and one expand; each
+    output must equal what the module's own two kernels give (same float32 sums, same single
+    rounding: bit for bit), base rows untouched, unwrapped modules just their base."""
+    from service.inference.lora import project_shared_input
+
+    fan_in, hw = 200, 24
+    ctx = LoRAContext()
+    modules = []
+    for i, (name, fan_out) in enumerate((("q", 136), ("k", 40), ("v", 40))):
+        layer, _ = build(fan_in, fan_out, capacity=48, dtype=dtype, seed=i + rows)
+        layer.ctx = ctx
+        modules.append(layer if name in targets else layer.base)
+    owners = torch.arange(hw) % 2
+    mask = torch.zeros(rows, 1, hw)
+    for r in range(rows):
+        if r % 3 < 2:
+            mask[r, 0] = (owners == r % 3).float()
+    ctx.mask, ctx.hw, ctx.kernels = mask.to(dtype).to(DEVICE), hw, True
+    x = torch.randn(rows, tokens, fan_in, generator=torch.Generator().manual_seed(rows)).to(dtype).to(DEVICE)
+    with torch.no_grad():
+        grouped = project_shared_input(modules, x)
+        each = [m(x) for m in modules]
+        bases = [m.base(x) if isinstance(m, MultiLoRALinear) else m(x) for m in modules]
+    for g, e, b, m in zip(grouped, each, bases, modules):
+        assert g.shape == e.shape and torch.equal(g, e)
+        if not isinstance(m, MultiLoRALinear):
+            assert torch.equal(g, b)
+        else:
+            assert not torch.equal(g, b)  # the term is there
+        for r in range(rows):
+            if r % 3 == 2:
+                assert torch.equal(g[r], b[r])
+    # with the kernels off it is the modules' own forward (PyTorch's GEMMs)
+    ctx.kernels = False
+    with torch.no_grad():
+        assert all(torch.equal(a, m(x)) for a, m in zip(project_shared_input(modules, x), modules))

@@ -14,6 +14,7 @@ import torch
 import triton
 
 from service.inference.kernels import fused as _fused
+from service.inference.lora import project_shared_input
 
 # Class name -> the rotary layout its transformers code applies.
 INTERLEAVED_ROTARY = {"GlmAttention": True, "LlamaAttention": False}
@@ -65,15 +66,15 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
                        past_key_values=None, **kwargs):
-    """transformers' GLM / Llama attention forward (5.x), the rotary step fused."""
+    """transformers' GLM / Llama attention forward (5.x), the rotary step fused (and the q/k/v
+    LoRA terms grouped, when the LoRA kernels are on)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     cache = cache if cache is not None else past_key_values
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in
+                         project_shared_input([self.q_proj, self.k_proj, self.v_proj], hidden_states))
     cos, sin = position_embeddings
     query = rotate(query, cos, sin, self._tuneserve_interleaved)
     key = rotate(key, cos, sin, self._tuneserve_interleaved)
