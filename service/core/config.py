@@ -78,10 +78,14 @@ class Settings(BaseSettings):
     nf4_kernels: bool = True
     nf4_kernel_min_rows: int = Field(default=2, ge=1, le=128)
     nf4_kernel_max_rows: int = Field(default=128, ge=1, le=128)
-    # The multi-LoRA term through our Triton kernels (CUDA only): an attention's q/k/v terms as
-    # one shrink + one expand together, other modules two launches each, instead of PyTorch's
-    # two GEMMs + multiply + add per module.
-    lora_kernels: bool = True
+    # Opt-in: the multi-LoRA term through our Triton kernels (CUDA only): an attention's q/k/v
+    # terms as one shrink + one expand together, other modules two launches each, instead of
+    # PyTorch's two GEMMs + multiply + add per module. Decode steps are faster with it (H200,
+    # bench/results/h200-2026-12-03b/serving_lora_grouped.json: one adapter stream 178 -> 201
+    # tok/s, 32-stream step p50 7.57 -> 6.75 ms), but first tokens were slower in that call (the
+    # kernels compile on first use, not at engine start; the 32-stream run's first tokens
+    # 0.22 -> 0.88 s, not explained), so it stays off until that is fixed and measured.
+    lora_kernels: bool = False
     # RMSNorm and the rotary embedding of GLM / Llama-family bases through our fused kernels
     # (service/inference/kernels/fused.py; CUDA only): one kernel each instead of ~8 and ~20.
     fused_ops: bool = True
