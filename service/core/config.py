@@ -84,7 +84,8 @@ class Settings(BaseSettings):
     # bench/results/h200-2026-12-03b/serving_lora_grouped.json: one adapter stream 178 -> 201
     # tok/s, 32-stream step p50 7.57 -> 6.75 ms), but first tokens were slower in that call (the
     # kernels compile on first use, not at engine start; the 32-stream run's first tokens
-    # 0.22 -> 0.88 s, not explained), so it stays off until that is fixed and measured.
+    # 0.22 -> 0.88 s), so it stays off until measured again: since then the kernels compile at
+    # engine start and no longer specialise on row / column counts (not yet measured on a GPU).
     lora_kernels: bool = False
     # RMSNorm and the rotary embedding of GLM / Llama-family bases through our fused kernels
     # (service/inference/kernels/fused.py; CUDA only): one kernel each instead of ~8 and ~20.

@@ -114,6 +114,8 @@ class ModelRunner:
         # the interpreter in tests; the engine asks for it on CUDA only).
         self.fused_ops = self._use_fused_ops() if fused_ops else {}
         self.ctx.kernels = bool(lora_kernels) and self.device.type == "cuda" and self._kernels_available()
+        if self.ctx.kernels:
+            self._warm_up_lora_kernels()
         self.alloc = ColumnAllocator(self.capacity)
         self.slot_mask = torch.zeros(num_slots, max(self.capacity, 1), dtype=self.dtype, device=self.device)
         self._targeting = {n: 0 for n in self.wrapped}  # resident adapters per module
@@ -176,6 +178,20 @@ class ModelRunner:
         log.info("fused kernels serve %d RMSNorm and %d attention (rotary) modules",
                  counts["rms_norm"], counts["attention"])
         return counts
+
+    def _warm_up_lora_kernels(self) -> None:
+        """Compile the LoRA kernels' variants now (every wrapped module alone, and each attention's
+        wrapped q/k/v together, as `project_shared_input` serves them), not at a first request."""
+        from service.inference.kernels.lora_kernels import warm_up
+        from service.inference.lora import MultiLoRALinear
+
+        served = [([m.lora_A], [m.lora_B]) for m in self.wrapped.values()]
+        for module in self.model.modules():
+            qkv = [getattr(module, a, None) for a in ("q_proj", "k_proj", "v_proj")]
+            qkv = [m for m in qkv if isinstance(m, MultiLoRALinear)]
+            if len(qkv) > 1:
+                served.append(([m.lora_A for m in qkv], [m.lora_B for m in qkv]))
+        log.info("LoRA kernels compiled: %d launches", warm_up(served, self.dtype))
 
     # ----------------------------------------------------------------------------------
     # adapters (columns of the LoRA pool)

@@ -134,9 +134,10 @@ def test_runner_decode_with_fused_ops_equals_without(family, tmp_path):
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 3, 7)]
     forced = torch.randint(3, 97, (3, 5), generator=g)
 
-    def logits(fused: bool):
+    def logits(fused: bool, lora_kernels: bool = False):
         runner = ModelRunner(fresh().to(DEVICE), num_slots=4, max_seq_len=64, lora_targets=targets, lora_budget_bytes=1 << 20,
-                             device=torch.device(DEVICE), fused_ops=fused)
+                             device=torch.device(DEVICE), fused_ops=fused, lora_kernels=lora_kernels)
+        runner.ctx.kernels = lora_kernels  # the engine asks for them on CUDA only; the interpreter runs them here
         runner.pad_shapes = True
         assert runner.fused_ops == ({"rms_norm": 5, "attention": 2} if fused else {})
         hw = 0
@@ -157,3 +158,29 @@ def test_runner_decode_with_fused_ops_equals_without(family, tmp_path):
 
     plain, fused = logits(False), logits(True)
     assert (fused - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * plain.abs().max()
+    # and with the LoRA kernels (q/k/v grouped in one shrink + expand, mixed adapter/base slots)
+    grouped = logits(True, lora_kernels=True)
+    assert (grouped - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * plain.abs().max()
+
+
+def test_runner_warms_up_each_module_and_each_attentions_qkv_group(monkeypatch):
+    """With the LoRA kernels on, the runner compiles their variants at start for every wrapped
+    module alone and for each attention's wrapped q/k/v together (what serving launches)."""
+    from transformers import GlmForCausalLM
+
+    from service.inference import runner as runner_mod
+    from service.inference.kernels import lora_kernels
+
+    served = []
+    monkeypatch.setattr(lora_kernels, "warm_up", lambda groups, dtype: served.extend(groups) or len(groups))
+    monkeypatch.setattr(runner_mod.ModelRunner, "_kernels_available", lambda self: True)
+    runner = runner_mod.ModelRunner(GlmForCausalLM(_glm_config()).eval(), num_slots=2, max_seq_len=32,
+                                    lora_targets=["q_proj", "v_proj", "o_proj"], lora_budget_bytes=1 << 20,
+                                    device=torch.device("cpu"))
+    runner._warm_up_lora_kernels()
+    layers = 2
+    assert len(served) == 3 * layers + layers  # each module alone, then each attention's q + v
+    pairs = [g for g in served if len(g[0]) == 2]
+    assert len(pairs) == layers
+    attn = runner.model.model.layers[0].self_attn
+    assert pairs[0][0][0] is attn.q_proj.lora_A and pairs[0][0][1] is attn.v_proj.lora_A

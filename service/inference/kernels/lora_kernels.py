@@ -21,7 +21,9 @@ import triton.language as tl
 from service.inference.kernels.nf4 import _EMULATE_RTNE, INTERPRETING, _round
 
 
-@triton.jit
+# Row counts, the column high-water mark and the strides that follow them vary per call:
+# specialised on (== 1, % 16), every new class compiled a variant in the middle of serving.
+@triton.jit(do_not_specialize=["M", "HW", "TOKENS_PER_MASK", "stride_mm", "stride_om"])
 def _lora_shrink(x_ptr, a_ptr, mask_ptr, out_ptr, M, K, HW, TOKENS_PER_MASK,
                  stride_xm, stride_ac, stride_mm, stride_om,
                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
@@ -50,7 +52,7 @@ def _lora_shrink(x_ptr, a_ptr, mask_ptr, out_ptr, M, K, HW, TOKENS_PER_MASK,
              mask=r_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "HW", "stride_xam"])
 def _lora_expand(xa_ptr, b_ptr, y_ptr, M, N, HW, stride_xam, stride_bn, stride_ym,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -122,7 +124,7 @@ def _select(g, v0, v1, v2):
     return tl.where(g == 0, v0, tl.where(g == 1, v1, v2))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "HW", "TOKENS_PER_MASK", "stride_mm", "stride_og", "stride_om"])
 def _lora_shrink_group(x_ptr, a0, a1, a2, mask_ptr, out_ptr, M, K, HW, TOKENS_PER_MASK,
                        stride_xm, sa0, sa1, sa2, stride_mm, stride_og, stride_om,
                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
@@ -154,7 +156,7 @@ def _lora_shrink_group(x_ptr, a0, a1, a2, mask_ptr, out_ptr, M, K, HW, TOKENS_PE
              mask=r_ok[:, None] & c_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "HW", "stride_xag", "stride_xam"])
 def _lora_expand_group(xa_ptr, b0, b1, b2, y0, y1, y2, M, N0, N1, N2, HW, T0, T1,
                        stride_xag, stride_xam, sb0, sb1, sb2, sy0, sy1, sy2,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr):
@@ -220,3 +222,36 @@ def lora_group(x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], ys
     _lora_expand_group[(triton.cdiv(m, bm), sum(tiles))](
         xa, *pb, *py, m, *ns, hw, t[0], t[1], xa.stride(0), xa.stride(1), *sb, *sy,
         BLOCK_M=bm, BLOCK_N=block_n, BLOCK_C=32, DOT_F32=INTERPRETING or ys[0].dtype == torch.float32, num_warps=4)
+
+
+# Row counts and column counts at which the launches above change their tile constexprs.
+WARM_ROWS = (1, 17, 33)
+WARM_COLUMNS = (1, 17, 33)
+
+
+def warm_up(groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: torch.dtype) -> int:
+    """Compile every variant the kernels can reach for these pools, so no request waits for a
+    JIT compile: `groups` holds (A pools, B pools) of modules served together (one module: the
+    single launches; several: `lora_group`). Returns the launches made. GPU only."""
+    launches = 0
+    seen = set()
+    for a_pools, b_pools in groups:
+        if INTERPRETING or a_pools[0].device.type != "cuda":
+            return 0
+        key = (len(a_pools), tuple(a.shape[1] for a in a_pools), tuple(b.shape[0] for b in b_pools))
+        if key in seen:
+            continue
+        seen.add(key)
+        k = a_pools[0].shape[1]
+        for m in WARM_ROWS:
+            for hw in WARM_COLUMNS:
+                hw = min(hw, a_pools[0].shape[0])
+                x = torch.zeros(m, k, dtype=dtype, device=a_pools[0].device)
+                mask = torch.zeros(m, hw, dtype=dtype, device=x.device)
+                ys = [torch.zeros(m, b.shape[0], dtype=dtype, device=x.device) for b in b_pools]
+                if len(a_pools) == 1:
+                    lora_expand(lora_shrink(x, a_pools[0][:hw], mask), b_pools[0][:, :hw], ys[0])
+                else:
+                    lora_group(x, [a[:hw] for a in a_pools], [b[:, :hw] for b in b_pools], ys, mask)
+                launches += 1
+    return launches
