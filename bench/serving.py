@@ -276,7 +276,8 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
                         torch_compile=args.compile if compile is None else compile,
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
                         nf4_kernel_min_rows=args.nf4_min_rows, nf4_kernel_max_rows=args.nf4_max_rows,
-                        lora_kernels=lora_kernels, fused_ops=fused_ops)
+                        lora_kernels=lora_kernels, fused_ops=fused_ops,
+                        decode_attention_kernel=args.decode_attention_kernel and prefix == "")
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -405,6 +406,8 @@ def main() -> None:
     p.add_argument("--no-lora-kernels", dest="lora_kernels", action="store_false",
                    default=Settings.model_fields["lora_kernels"].default,
                    help="the multi-LoRA term through PyTorch's GEMMs instead of our Triton kernels")
+    p.add_argument("--decode-attention-kernel", action="store_true",
+                   help="the main engine with the decode attention kernel (compare rows: without)")
     p.add_argument("--compare-lora-torch", action="store_true",
                    help="also the default engine with the LoRA term through PyTorch's GEMMs (same process, before)")
     p.add_argument("--nf4-min-rows", type=int, default=Settings.model_fields["nf4_kernel_min_rows"].default,

@@ -198,7 +198,8 @@ class InferenceEngine:
             torch_compile=getattr(settings, "torch_compile", False), nf4_kernels=settings.nf4_kernels,
             nf4_kernel_rows=(settings.nf4_kernel_min_rows, settings.nf4_kernel_max_rows),
             lora_kernels=settings.lora_kernels,
-            fused_ops=settings.fused_ops and torch.device(self.device).type == "cuda")
+            fused_ops=settings.fused_ops and torch.device(self.device).type == "cuda",
+            decode_attention_kernel=settings.decode_attention_kernel and torch.device(self.device).type == "cuda")
         self._runner = runner
         self._stop_ids = frozenset(int(i) for i in stop_ids)
         self._free = list(range(settings.max_batch_size))

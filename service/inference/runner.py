@@ -53,6 +53,10 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
+    if getattr(module, "_tuneserve_decode_kernel", False):  # one Triton kernel (kernels/attention.py)
+        from service.inference.kernels.attention import decode_attention
+
+        return decode_attention(query, key, value, attention_mask, scale), None
     q = query.reshape(rows, kv_heads, heads // kv_heads, dim)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, group, kv_len]
     if attention_mask is not None:  # [rows, 1, 1, kv_len]
@@ -83,7 +87,7 @@ class ModelRunner:
                  cuda_graphs: bool = False, torch_compile: bool = False, max_graphs: int = 96,
                  max_lora_columns: int = 4096, nf4_kernels: bool = False,
                  nf4_kernel_rows: tuple[int, int] = (1, 128), lora_kernels: bool = False,
-                 fused_ops: bool = False):
+                 fused_ops: bool = False, decode_attention_kernel: bool = False):
         self.model = model.eval()
         self.slot_attention = _use_slot_attention(model)
         self.device = torch.device(device)
@@ -113,6 +117,8 @@ class ModelRunner:
         # RMSNorm and rotary through our fused kernels (any device the kernels run on: CUDA, or
         # the interpreter in tests; the engine asks for it on CUDA only).
         self.fused_ops = self._use_fused_ops() if fused_ops else {}
+        self.decode_attention_kernel = (bool(decode_attention_kernel) and self.slot_attention
+                                        and self._kernels_available() and self._use_decode_attention_kernel())
         self.ctx.kernels = bool(lora_kernels) and self.device.type == "cuda" and self._kernels_available()
         if self.ctx.kernels:
             self._warm_up_lora_kernels()
@@ -168,6 +174,16 @@ class ModelRunner:
         swapped = use_nf4_kernels(self.model, rows)
         log.info("NF4 kernels serve %d layers (batches of %d-%d rows)", swapped, *rows)
         return swapped
+
+    def _use_decode_attention_kernel(self) -> int:
+        """Mark the attention modules whose decode step `slot_attention` serves with our kernel."""
+        marked = 0
+        for module in self.model.modules():
+            if hasattr(module, "layer_idx") and hasattr(module, "head_dim") and hasattr(module, "o_proj"):
+                module._tuneserve_decode_kernel = True
+                marked += 1
+        log.info("decode attention kernel serves %d attention modules", marked)
+        return marked
 
     def _use_fused_ops(self) -> dict[str, int]:
         if not self._kernels_available():

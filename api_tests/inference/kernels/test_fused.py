@@ -134,9 +134,11 @@ def test_runner_decode_with_fused_ops_equals_without(family, tmp_path):
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 3, 7)]
     forced = torch.randint(3, 97, (3, 5), generator=g)
 
-    def logits(fused: bool, lora_kernels: bool = False):
+    def logits(fused: bool, lora_kernels: bool = False, attention: bool = False):
         runner = ModelRunner(fresh().to(DEVICE), num_slots=4, max_seq_len=64, lora_targets=targets, lora_budget_bytes=1 << 20,
-                             device=torch.device(DEVICE), fused_ops=fused, lora_kernels=lora_kernels)
+                             device=torch.device(DEVICE), fused_ops=fused, lora_kernels=lora_kernels,
+                             decode_attention_kernel=attention)
+        assert runner.decode_attention_kernel == (2 if attention else False)
         runner.ctx.kernels = lora_kernels  # the engine asks for them on CUDA only; the interpreter runs them here
         runner.pad_shapes = True
         assert runner.fused_ops == ({"rms_norm": 5, "attention": 2} if fused else {})
@@ -161,6 +163,10 @@ def test_runner_decode_with_fused_ops_equals_without(family, tmp_path):
     # and with the LoRA kernels (q/k/v grouped in one shrink + expand, mixed adapter/base slots)
     grouped = logits(True, lora_kernels=True)
     assert (grouped - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * plain.abs().max()
+    # and with the decode attention kernel too (every kernel of this round at once)
+    everything = logits(True, lora_kernels=True, attention=True)
+    assert (everything - plain).abs().max() <= 64 * torch.finfo(torch.float32).eps * plain.abs().max()
+    assert not torch.equal(everything[1:], grouped[1:])  # the kernel ran: float32 sums in another order
 
 
 def test_runner_warms_up_each_module_and_each_attentions_qkv_group(monkeypatch):
