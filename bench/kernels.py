@@ -206,7 +206,8 @@ def _weight_copies():
 
 def mma_variants() -> None:
     """The tensor-core kernel's default (one K=64 dot per step on joined codes) next to the two
-    K=32 dots on even/odd activation columns it replaced, all four step shapes, 1-128 rows."""
+    K=32 dots on even/odd activation columns it replaced and to the serial split-K reduction,
+    all four step shapes, 1-128 rows; then a one-row config sweep."""
     from service.inference import kernels as K
 
     weights = _weight_copies()
@@ -214,7 +215,8 @@ def mma_variants() -> None:
     for m in (1, 8, 16, 32, 64, 128):
         base = K.mma_config(m)
         totals = {}
-        for label, cfg in (("default", base), ("two_dots", dataclasses.replace(base, pair=False))):
+        for label, cfg in (("default", base), ("two_dots", dataclasses.replace(base, pair=False)),
+                           ("serial_reduce", dataclasses.replace(base, serial_reduce=True))):
             total = 0.0
             for (k, n) in SHAPES:
                 ws, opss = weights[(k, n)]
@@ -224,13 +226,15 @@ def mma_variants() -> None:
             totals[label] = total
         rows.append(dict(m=m, default_us=round(totals["default"] * 1e6, 2),
                          two_dots_us=round(totals["two_dots"] * 1e6, 2),
+                         serial_reduce_us=round(totals["serial_reduce"] * 1e6, 2),
                          speedup=round(totals["two_dots"] / totals["default"], 3)))
         print(rows[-1], flush=True)
     rec("mma_variants", rows)
     # One row: does any one-dot config beat bitsandbytes' GEMV (2.94 ms a step, 105 us a layer)?
     one_row = []
-    for bn, nw, target in itertools.product((64, 128, 256, 512), (4, 8), (264, 528, 1056)):
-        cfg = dataclasses.replace(K.mma_config(1), block_n=bn, num_warps=nw, target_programs=target)
+    for bn, nw, target, serial in itertools.product((64, 128, 256), (4, 8), (528, 1056, 2112), (False, True)):
+        cfg = dataclasses.replace(K.mma_config(1), block_n=bn, num_warps=nw, target_programs=target,
+                                  serial_reduce=serial)
         total = 0.0
         try:
             for (k, n) in SHAPES:

@@ -153,6 +153,28 @@ def test_mma_default_is_faithful_to_nf4_within_one_code_rounding(case):
     assert_faithful(theirs, x, p, bias, weights="float32", code_error=2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11)  # unit roundoff
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[5] % 64 == 0],
+                         ids=lambda c: f"m{c[0]}-n{c[1]}-k{c[2]}-{str(c[4])[6:]}-bs{c[5]}")
+def test_serial_split_k_equals_the_reduce_launch_bit_for_bit(case):
+    """Split K with the last arriving program adding the partials (no reduce launch) gives the
+    very same sums in the same order as the reduce kernel, and leaves its counters at zero for
+    the next launch (a CUDA graph replays them)."""
+    m, n, dtype = case[0], case[1], case[4]
+    p, ops, x, bias = case_operands(case)
+    two_launches = kernels.MmaConfig(block_n=64, block_m=16, target_programs=64, min_steps=1)
+    serial = dataclasses.replace(two_launches, serial_reduce=True)
+    assert kernels.mma_split(ops, m, two_launches)[0] > 1
+    outs = []
+    for cfg in (two_launches, serial, serial):  # twice: counters must be reset by the first
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
+        kernels.launch_mma(x, ops, out, bias, cfg)
+        outs.append(out)
+        assert int(ops.counters.abs().sum()) == 0
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert_faithful(outs[1], x, p, bias, **(DEFAULT_BF16 if dtype == torch.bfloat16 else
+                                          dict(weights="float32", code_error=ONE_CODE_ERROR.get(dtype, 0.0))))
+
+
 def test_mma_with_one_code_value_is_not_exact():
     """The bound above has teeth: one bf16 code per nibble (2^-9 off) fails it."""
     p = quantized(40, 512, seed=5)

@@ -74,6 +74,7 @@ class NF4Operands:
     offset: torch.Tensor    # float32 [1] (nested) or placeholder
     lut: torch.Tensor       # float32 [16]: the NF4 code
     tables: dict            # compute dtype -> CodeTable (the code split for tensor cores)
+    counters: torch.Tensor  # int32 zeros, one per output tile: split-K arrivals (serial reduce)
     n: int
     k: int
     blocksize: int
@@ -99,10 +100,21 @@ def operands(weight) -> NF4Operands | None:
         offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor([float(qs.offset)])
         offset = offset.reshape(1).to(device=data.device, dtype=torch.float32)
         return NF4Operands(data.view(-1), qs.absmax.view(-1), s2.code.float(), s2.absmax.float().view(-1),
-                           offset, qs.code.float(), code_tables(qs.code), n, k, bs, bs2, True)
+                           offset, qs.code.float(), code_tables(qs.code), _counters(n, data.device), n, k, bs, bs2,
+                           True)
     placeholder = torch.zeros(1, dtype=torch.float32, device=data.device)
     return NF4Operands(data.view(-1), qs.absmax.float().view(-1), placeholder, placeholder, placeholder,
-                       qs.code.float(), code_tables(qs.code), n, k, bs, 1, False)
+                       qs.code.float(), code_tables(qs.code), _counters(n, data.device), n, k, bs, 1, False)
+
+
+# Smallest tiles a serial split-K launch may use (more tiles than counters: the reduce kernel).
+SERIAL_MIN_BLOCK_N, SERIAL_MIN_BLOCK_M = 64, 16
+
+
+def _counters(n: int, device) -> torch.Tensor:
+    """Allocated once per weight, before any graph capture, and left zeroed by every launch."""
+    tiles = -(-n // SERIAL_MIN_BLOCK_N) * -(-MAX_KERNEL_ROWS // SERIAL_MIN_BLOCK_M)
+    return torch.zeros(tiles, dtype=torch.int32, device=device)
 
 
 @dataclass(frozen=True)
@@ -179,6 +191,10 @@ class MmaConfig:
     # two K=32 dots on the even and odd positions: 1.11-1.55x faster from 1 to 128 rows (H200,
     # bench/results/h200-2026-12-03b/kernels_fma_pair_prefetch.json "mma_pair").
     pair: bool = True
+    # Split K: the last program of a tile to finish adds the partial sums itself (an atomic
+    # arrival count per tile) instead of a second, reduce launch. Same sums, same order.
+    # Opt-in: interpreter-tested, not yet measured on a GPU.
+    serial_reduce: bool = False
 
 
 def mma_config(m: int) -> MmaConfig:
@@ -234,18 +250,20 @@ def launch_mma(x: torch.Tensor, ops: NF4Operands, out: torch.Tensor, bias: torch
     table = ops.tables[x.dtype]
     split, per = mma_split(ops, m, cfg)
     ws = torch.empty(split, m, ops.n, dtype=torch.float32, device=x.device) if split > 1 else out
+    tiles = triton.cdiv(ops.n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    serial = split > 1 and cfg.serial_reduce and tiles <= ops.counters.numel()
     asm = not _nf4.INTERPRETING and cfg.lut_asm and table.split
     split_code = table.split and cfg.split_code
     grid = (triton.cdiv(ops.n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
     _nf4._nf4_mma[grid](
         x, ops.packed, ops.absmax, ops.code2, ops.absmax2, ops.offset, table.hi, table.lo,
-        bias if bias is not None else out, out, ws, m, ops.n, ops.k, x.stride(0), out.stride(0), per,
+        bias if bias is not None else out, out, ws, ops.counters, m, ops.n, ops.k, x.stride(0), out.stride(0), per,
         NESTED=ops.nested, HAS_BIAS=bias is not None, BLOCKSIZE=ops.blocksize, BLOCKSIZE2=ops.blocksize2,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT=split > 1, SPLIT_CODE=split_code, LUT_ASM=asm,
         ASM=table.asm_hi if asm else "", ASM2=table.asm_lo if asm else "",
         DOT_F32=_nf4.INTERPRETING or x.dtype == torch.float32, SWAP=cfg.swap,
-        PAIR=cfg.pair and cfg.swap, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split > 1:
+        PAIR=cfg.pair and cfg.swap, SERIAL=serial, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if split > 1 and not serial:
         block = 1024
         _nf4._splitk_reduce[(triton.cdiv(m * ops.n, block),)](
             ws, bias if bias is not None else out, out, m, ops.n, out.stride(0), SPLIT_K=split,

@@ -230,12 +230,12 @@ def _codes(p, lut_ptr, LUT_ASM: tl.constexpr, ASM: tl.constexpr):
 # Row counts and split lengths vary per call: specializing on them (==1, %16) compiled new
 # variants in the middle of serving (seconds each: measured as 2-4 s time-to-first-token).
 @triton.jit(do_not_specialize=["M", "steps_per_split"])
-def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_ptr, bias_ptr, y_ptr, ws_ptr,
+def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr,
              M, N, K, stride_xm, stride_ym, steps_per_split,
              NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLIT_CODE: tl.constexpr,
              LUT_ASM: tl.constexpr, ASM: tl.constexpr, ASM2: tl.constexpr, DOT_F32: tl.constexpr,
-             SWAP: tl.constexpr, PAIR: tl.constexpr):
+             SWAP: tl.constexpr, PAIR: tl.constexpr, SERIAL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -303,6 +303,19 @@ def _nf4_mma(x_ptr, w_ptr, aq_ptr, code2_ptr, a2_ptr, offset_ptr, lut_ptr, lut2_
         tl.store(y_ptr + out_off, _round(acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
     else:
         tl.store(ws_ptr + part_off, acc, mask=mask)
+        if SERIAL:  # the last split of this tile to finish adds the partials (no reduce launch)
+            tl.debug_barrier()  # every thread's partials stored before the release below
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == tl.num_programs(1) - 1:
+                total = tl.zeros_like(acc)
+                for split in range(0, tl.num_programs(1)):  # fixed order: as _splitk_reduce adds
+                    total += tl.load(ws_ptr + part_off + (split - pid_k) * M * N, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + bias_ix).to(tl.float32)
+                tl.store(y_ptr + out_off, _round(total, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays)
 
 
 @triton.jit
