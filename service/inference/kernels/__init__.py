@@ -24,11 +24,11 @@ except ImportError:  # pragma: no cover - exercised only on hosts without triton
     _nf4 = None
 
 # The most rows our kernels can serve; what a caller actually routes to them is its
-# `max_rows` (Settings.nf4_kernel_max_rows: measured on an H200, the tensor-core GEMM is far
-# slower than bitsandbytes' dequantize + cuBLAS from 2 rows on, see bench/results/).
+# `min_rows`..`max_rows` (Settings.nf4_kernel_min_rows / _max_rows: where `_nf4_mma` beats
+# bitsandbytes on an H200, see bench/results/h200-2026-12-03b/).
 MAX_KERNEL_ROWS = 128
-# Up to this many rows the GEMV kernel (one program per row and feature tile, the tile
-# shared through L2) beats dequantize-to-registers + tensor cores. Set from bench/kernels.py.
+# Blocksize 32 only (`_nf4_mma` needs blocks of 64): up to this many rows the per-weight GEMV
+# kernel, above it the 3-D tile GEMM (both slower than `_nf4_mma`; kept for that blocksize).
 GEMV_MAX_ROWS = 2
 
 
