@@ -4,6 +4,7 @@
 #   tests   GPU tests of the inference engine (pytest -m gpu) and the kernels' tests compiled
 #   serving bench/serving.py: bitsandbytes (previous path), our NF4 kernels unfused, the default (one process)
 #   serving-lora the same with the default engine's LoRA term through PyTorch (rows lora_torch_*) instead
+#   serving-optins  the default vs bitsandbytes, and each opt-in kernel setting on its own (rows optin_*)
 #   serving-bnb  the same without the unfused engine (bitsandbytes, unfused = previous path, vs the default)
 #   floor   bench/kernels.py: NF4 matmuls of one decode step, ours (one code / exact) vs bnb vs bf16
 #   variants the same, with the tensor-core kernel's default vs its two-dot form
@@ -19,6 +20,8 @@ for step in "$@"; do
     tests)   timeout 300 python3 -m pytest -m gpu -q -p no:randomly -s api_tests/inference > "$OUT/gpu_tests.log" 2>&1
              timeout 200 python3 -m pytest -q -p no:randomly api_tests/inference/kernels >> "$OUT/gpu_tests.log" 2>&1 ;;
     serving) timeout 560 python3 bench/serving.py --compare-bnb --compare-unfused --profile --tokens 128 \
+               --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
+    serving-optins) timeout 500 python3 bench/serving.py --compare-bnb --compare-opt-ins --profile --tokens 128 \
                --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;
     serving-lora) timeout 400 python3 bench/serving.py --compare-bnb --compare-lora-torch --profile --tokens 128 \
                --out "$OUT/serving.json" > "$OUT/serving.log" 2>&1 ;;

@@ -261,7 +261,8 @@ def profile_decode(engine, rows: int, kv_len: int = 256, hw: int = 8, reps: int 
 
 # --------------------------------------------------------------------------------------
 async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: bool,
-                     lora_kernels: bool = False, compile: bool | None = None, fused_ops: bool = True) -> None:
+                     lora_kernels: bool = False, compile: bool | None = None, fused_ops: bool = True,
+                     decode_attention_kernel: bool | None = None) -> None:
     """One engine, measured. `prefix` names its rows (e.g. "bnb_" for bitsandbytes' kernels)."""
     from service.core.config import Settings
     from service.core.registry import AdapterRegistry
@@ -277,7 +278,8 @@ async def run_engine(args, base: str, prefix: str, *, nf4_kernels: bool, full: b
                         adapter_gpu_budget_bytes=args.adapter_budget, nf4_kernels=nf4_kernels,
                         nf4_kernel_min_rows=args.nf4_min_rows, nf4_kernel_max_rows=args.nf4_max_rows,
                         lora_kernels=lora_kernels, fused_ops=fused_ops,
-                        decode_attention_kernel=args.decode_attention_kernel and prefix == "")
+                        decode_attention_kernel=(args.decode_attention_kernel and prefix == ""
+                                                 if decode_attention_kernel is None else decode_attention_kernel))
     registry = AdapterRegistry(work / "registry")
     engine = InferenceEngine(settings, registry)
     t0 = time.perf_counter()
@@ -362,6 +364,12 @@ async def main_async(args) -> None:
         # Our NF4 kernels without the fused norm / rotary kernels, same process, before.
         await run_engine(args, base, "unfused_", nf4_kernels=not args.no_nf4_kernels, full=False,
                          lora_kernels=args.lora_kernels, fused_ops=False)
+    if args.compare_opt_ins and not args.tiny:
+        # Each opt-in setting on its own over the defaults (rows optin_<name>_*), same process.
+        await run_engine(args, base, "optin_lora_kernels_", nf4_kernels=not args.no_nf4_kernels, full=False,
+                         lora_kernels=True, decode_attention_kernel=False)
+        await run_engine(args, base, "optin_decode_attention_", nf4_kernels=not args.no_nf4_kernels, full=False,
+                         lora_kernels=args.lora_kernels, decode_attention_kernel=True)
     if args.compare_lora_torch and not args.tiny:
         # The default engine, but the LoRA term as PyTorch's GEMMs (the previous path for it).
         await run_engine(args, base, "lora_torch_", nf4_kernels=not args.no_nf4_kernels, full=False,
@@ -408,6 +416,8 @@ def main() -> None:
                    help="the multi-LoRA term through PyTorch's GEMMs instead of our Triton kernels")
     p.add_argument("--decode-attention-kernel", action="store_true",
                    help="the main engine with the decode attention kernel (compare rows: without)")
+    p.add_argument("--compare-opt-ins", action="store_true",
+                   help="also engines with each opt-in kernel setting on (LoRA kernels, decode attention kernel)")
     p.add_argument("--compare-lora-torch", action="store_true",
                    help="also the default engine with the LoRA term through PyTorch's GEMMs (same process, before)")
     p.add_argument("--nf4-min-rows", type=int, default=Settings.model_fields["nf4_kernel_min_rows"].default,
