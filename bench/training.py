@@ -18,8 +18,9 @@ Configurations (same LoRA in all: r=4, alpha 32, dropout 0.05 on q/k/v_proj, Ada
               plan's budget set to 16e9 bytes.
 
 Reported per configuration: useful (label) tokens/s, all real tokens/s, computed tokens/s
-(padding included), median step time, peak allocated / reserved memory, and for ours the
-plan with its predicted peak. JSON to $OUT/training_bench.json (and one line per record in
+(padding included), model TFLOP/s and MFU (4 FLOPs per frozen linear weight per computed token
+against --peak-tflops, 790 by default: an H200's measured bf16 matmul rate), median step time,
+peak allocated / reserved memory, and for ours the plan with its predicted peak beside it. JSON to $OUT/training_bench.json (and one line per record in
 $OUT/records.jsonl), summary table on stdout.
 
   python bench/training.py                 # GPU (run by the lead on an H100)
@@ -143,13 +144,32 @@ def peaks(device: str) -> dict:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GiB, 2)}
 
 
+def frozen_linear_params(cfg) -> int:
+    """Weights of the decoder's linear layers (q/k/v, o, gate_up, down), the frozen base's matmuls."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * head_dim
+    return layers * (qkv + cfg.num_attention_heads * head_dim * h + 3 * h * cfg.intermediate_size)
+
+
+# Model FLOPs per computed token of a frozen-base LoRA step: forward (2 per weight) and the
+# input-gradient backward (2 per weight); no weight gradients, recomputation not counted (MFU,
+# not hardware utilisation), attention scores and the output head left out (both small here).
+FLOPS_PER_WEIGHT = 4
+PEAK_FLOPS = 0.0  # set by main: the card's bf16 matmul rate (--peak-tflops), 0 = not reported
+
+
 def summarize(name: str, times, label_tokens, real_tokens, computed_tokens, device, **extra) -> dict:
     total = sum(times)
+    computed_per_s = sum(computed_tokens) / total
+    flops_per_token = FLOPS_PER_WEIGHT * frozen_linear_params(glm_config(args_tiny))
+    mfu = dict(model_tflops_per_s=float(f"{computed_per_s * flops_per_token / 1e12:.4g}"),
+               mfu=round(computed_per_s * flops_per_token / PEAK_FLOPS, 3) if PEAK_FLOPS else None)
     return rec(name, steps=len(times), median_step_s=round(statistics.median(times), 4),
                label_tokens_per_s=round(sum(label_tokens) / total, 1),
                tokens_per_s=round(sum(real_tokens) / total, 1),
-               computed_tokens_per_s=round(sum(computed_tokens) / total, 1),
-               padding_share=round(1 - sum(real_tokens) / sum(computed_tokens), 4), **peaks(device), **extra)
+               computed_tokens_per_s=round(computed_per_s, 1),
+               padding_share=round(1 - sum(real_tokens) / sum(computed_tokens), 4), **mfu, **peaks(device), **extra)
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,7 +408,7 @@ args_tiny = False
 
 
 def main() -> None:
-    global args_tiny
+    global args_tiny, PEAK_FLOPS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny GLM")
     ap.add_argument("--model-dir", default=None, help="random checkpoint dir (built if missing)")
@@ -398,8 +418,11 @@ def main() -> None:
     ap.add_argument("--configs", default="recipe,ours,ours_16gb")
     ap.add_argument("--profile", action="store_true", help="micro-step timing grid + torch.profiler tables")
     ap.add_argument("--budget-16gb", type=float, default=16e9, help="bytes for ours_16gb")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the card's bf16 matmul rate for MFU (default: 790, an H200's measured rate; none on CPU)")
     args = ap.parse_args()
     args_tiny = args.tiny
+    PEAK_FLOPS = 1e12 * (args.peak_tflops if args.peak_tflops is not None else 0.0 if args.tiny else 790.0)
     device = "cpu" if args.tiny else "cuda:0"
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --tiny for the CPU smoke test")
@@ -459,7 +482,7 @@ def main() -> None:
             json.dump({"results": results, "records": RESULTS}, f, indent=1)
     print("\nSUMMARY (label = useful tokens)")
     print(f"{'config':<11} {'label tok/s':>12} {'tok/s':>9} {'computed/s':>11} {'pad':>6} {'step s':>7} "
-          f"{'peak alloc':>10} {'peak resv':>9} {'x recipe':>8}")
+          f"{'peak alloc':>10} {'predicted':>9} {'peak resv':>9} {'MFU':>6} {'x recipe':>8}")
     for cfg, r in results.items():
         if "error" in r:
             print(f"{cfg:<11} ERROR {r['error']}")
@@ -467,7 +490,8 @@ def main() -> None:
         fmt = lambda v: "-" if v is None else f"{v}"  # noqa: E731
         print(f"{cfg:<11} {r['label_tokens_per_s']:>12} {r['tokens_per_s']:>9} {r['computed_tokens_per_s']:>11} "
               f"{r['padding_share']:>6} {r['median_step_s']:>7} {fmt(r['peak_allocated_gib']):>10} "
-              f"{fmt(r['peak_reserved_gib']):>9} {fmt(r.get('speedup_vs_recipe_label_tokens')):>8}")
+              f"{fmt(r.get('predicted_peak_gib')):>9} {fmt(r['peak_reserved_gib']):>9} {fmt(r.get('mfu')):>6} "
+              f"{fmt(r.get('speedup_vs_recipe_label_tokens')):>8}")
 
 
 if __name__ == "__main__":
