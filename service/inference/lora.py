@@ -102,14 +102,14 @@ class MultiLoRALinear(nn.Module):
 
     def _add_lora_kernels(self, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, hw: int) -> torch.Tensor:
         """The same sum in two launches (service/inference/kernels/lora_kernels.py), into `out`."""
-        from service.inference.kernels.lora_kernels import lora_expand, lora_shrink
+        from service.inference.kernels.lora_kernels import lora_group
 
         x2 = x.reshape(-1, x.shape[-1]).to(self.lora_A.dtype)
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         out = out.contiguous()
-        xa = lora_shrink(x2, self.lora_A[:hw], mask[:, 0, :], x2.shape[0] // mask.shape[0])
-        lora_expand(xa, self.lora_B[:, :hw], out.view(-1, out.shape[-1]))
+        lora_group(x2, [self.lora_A[:hw]], [self.lora_B[:, :hw]], [out.view(-1, out.shape[-1])], mask[:, 0, :],
+                   x2.shape[0] // mask.shape[0])
         return out
 
     @property

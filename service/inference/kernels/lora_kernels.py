@@ -7,10 +7,14 @@ every row at once
     y += ((x @ A[:hw].T) * mask) @ B[:, :hw].T
 
 PyTorch spells that as two GEMMs, a multiply, an add and casts (about six launches per
-module); here it is `lora_shrink` (x @ A.T, masked, float32 out) and `lora_expand` (@ B.T,
-added into y in place, one rounding). Rank-aware: the cost follows `hw`, the highest column
-any running adapter uses. Rows of x may be tokens of sequences (a prefill): `tokens_per_mask`
-rows share one mask row.
+module). Here `lora_group` runs it for up to MAX_GROUP modules that read the same input (an
+attention's q, k, v) in two launches: a shrink (x @ A.T, masked, float32 out; grid axis 2 =
+module) and an expand (@ B.T, added into y in place with one rounding; each output-column
+tile knows its module). A lone module is a group of one. Why grouped: each launch is a few
+microseconds of mostly fixed cost, and a ChatGLM3 decode step with LoRA on q/k/v ran 168
+GEMMs and 168 elementwise kernels for it (about 1.1 ms of a 4.6 ms one-row step on an
+H200). Rank-aware: the cost follows `hw`, the highest column any running adapter uses. Rows
+of x may be tokens of sequences (a prefill): `tokens_per_mask` rows share one mask row.
 """
 from __future__ import annotations
 
@@ -21,101 +25,10 @@ import triton.language as tl
 from service.inference.kernels.nf4 import _EMULATE_RTNE, INTERPRETING, _round
 
 
-# Row counts, the column high-water mark and the strides that follow them vary per call:
-# specialised on (== 1, % 16), every new class compiled a variant in the middle of serving.
-@triton.jit(do_not_specialize=["M", "HW", "TOKENS_PER_MASK", "stride_mm", "stride_om"])
-def _lora_shrink(x_ptr, a_ptr, mask_ptr, out_ptr, M, K, HW, TOKENS_PER_MASK,
-                 stride_xm, stride_ac, stride_mm, stride_om,
-                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    kk = tl.arange(0, BLOCK_K)
-    r_ok = rows < M
-    c_ok = cols < HW
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = k0 + kk < K
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (k0 + kk)[None, :],
-                    mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        a = tl.load(a_ptr + cols.to(tl.int64)[:, None] * stride_ac + (k0 + kk)[None, :],
-                    mask=c_ok[:, None] & k_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(a.to(x.dtype)))
-    seq = rows // TOKENS_PER_MASK
-    sel = tl.load(mask_ptr + seq.to(tl.int64)[:, None] * stride_mm + cols[None, :],
-                  mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], acc * sel,
-             mask=r_ok[:, None] & c_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["M", "HW", "stride_xam"])
-def _lora_expand(xa_ptr, b_ptr, y_ptr, M, N, HW, stride_xam, stride_bn, stride_ym,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, DOT_F32: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cc = tl.arange(0, BLOCK_C)
-    r_ok = rows < M
-    n_ok = n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, HW, BLOCK_C):
-        c_ok = c0 + cc < HW
-        xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * stride_xam + (c0 + cc)[None, :],
-                     mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + n.to(tl.int64)[:, None] * stride_bn + (c0 + cc)[None, :],
-                    mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-        if DOT_F32:
-            acc += tl.dot(xa, tl.trans(b.to(tl.float32)), input_precision="ieee")
-        else:
-            # bf16 operands for the tensor cores; xa was accumulated in float32.
-            acc += tl.dot(xa.to(b.dtype), tl.trans(b))
-    out = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + n[None, :]
-    ok = r_ok[:, None] & n_ok[None, :]
-    y = tl.load(out, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out, _round(y + acc, y_ptr.dtype.element_ty, _EMULATE_RTNE), mask=ok)
-
-
 def _blocks(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else 64
 
 
-def lora_shrink(x: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, tokens_per_mask: int = 1) -> torch.Tensor:
-    """((x @ a.T) * mask[row // tokens_per_mask]) as float32 `[rows, hw]`; a `[hw, K]`, mask `[seqs, hw]`."""
-    m, k = x.shape
-    hw = a.shape[0]
-    out = torch.empty(m, hw, dtype=torch.float32, device=x.device)
-    bm, bc = _blocks(m), 16 if hw <= 16 else 32 if hw <= 32 else 64
-    grid = (triton.cdiv(m, bm), triton.cdiv(hw, bc))
-    _lora_shrink[grid](x, a, mask, out, m, k, hw, tokens_per_mask, x.stride(0), a.stride(0), mask.stride(0),
-                       out.stride(0), BLOCK_M=bm, BLOCK_C=bc, BLOCK_K=128,
-                       DOT_F32=INTERPRETING or x.dtype == torch.float32, num_warps=4)
-    return out
-
-
-def lora_expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """y += xa @ b.T in place (one rounding); xa float32 `[rows, hw]`, b `[N, hw]` (a view with
-    row stride), y `[rows, N]` contiguous rows."""
-    m, hw = xa.shape
-    n = b.shape[0]
-    bm = _blocks(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, 64))
-    _lora_expand[grid](xa, b, y, m, n, hw, xa.stride(0), b.stride(0), y.stride(0),
-                       BLOCK_M=bm, BLOCK_N=64, BLOCK_C=32, DOT_F32=INTERPRETING or y.dtype == torch.float32,
-                       num_warps=4)
-    return y
-
-
-# --- modules that read the same input (an attention's q, k, v): one shrink, one expand ---
-#
-# Per module the two launches above are each a few microseconds of mostly fixed cost; a decode
-# step of ChatGLM3 with LoRA on q/k/v ran 168 GEMMs and 168 elementwise kernels for it (about
-# 1.1 ms of a 4.6 ms one-row step on an H200). Grouped, the modules sharing an input run in one
-# shrink (grid axis 2 = module) and one expand (each output-column tile knows its module).
 MAX_GROUP = 3
 
 
@@ -124,6 +37,8 @@ def _select(g, v0, v1, v2):
     return tl.where(g == 0, v0, tl.where(g == 1, v1, v2))
 
 
+# Row counts, the column high-water mark and the strides that follow them vary per call:
+# specialised on (== 1, % 16), every new class compiled a variant in the middle of serving.
 @triton.jit(do_not_specialize=["M", "HW", "TOKENS_PER_MASK", "stride_mm", "stride_og", "stride_om"])
 def _lora_shrink_group(x_ptr, a0, a1, a2, mask_ptr, out_ptr, M, K, HW, TOKENS_PER_MASK,
                        stride_xm, sa0, sa1, sa2, stride_mm, stride_og, stride_om,
@@ -231,8 +146,8 @@ WARM_COLUMNS = (1, 17, 33)
 
 def warm_up(groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: torch.dtype) -> int:
     """Compile every variant the kernels can reach for these pools, so no request waits for a
-    JIT compile: `groups` holds (A pools, B pools) of modules served together (one module: the
-    single launches; several: `lora_group`). Returns the launches made. GPU only."""
+    JIT compile: `groups` holds (A pools, B pools) of modules served together (a lone module is
+    a group of one). Returns the launches made. GPU only."""
     launches = 0
     seen = set()
     for a_pools, b_pools in groups:
@@ -249,9 +164,6 @@ def warm_up(groups: list[tuple[list[torch.Tensor], list[torch.Tensor]]], dtype: 
                 x = torch.zeros(m, k, dtype=dtype, device=a_pools[0].device)
                 mask = torch.zeros(m, hw, dtype=dtype, device=x.device)
                 ys = [torch.zeros(m, b.shape[0], dtype=dtype, device=x.device) for b in b_pools]
-                if len(a_pools) == 1:
-                    lora_expand(lora_shrink(x, a_pools[0][:hw], mask), b_pools[0][:, :hw], ys[0])
-                else:
-                    lora_group(x, [a[:hw] for a in a_pools], [b[:, :hw] for b in b_pools], ys, mask)
+                lora_group(x, [a[:hw] for a in a_pools], [b[:, :hw] for b in b_pools], ys, mask)
                 launches += 1
     return launches
