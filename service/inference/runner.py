@@ -53,7 +53,8 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else dim ** -0.5
-    if getattr(module, "_tuneserve_decode_kernel", False):  # one Triton kernel (kernels/attention.py)
+    if (getattr(module, "_tuneserve_decode_kernel", False)  # one Triton kernel (kernels/attention.py)
+            and query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1):
         from service.inference.kernels.attention import decode_attention
 
         return decode_attention(query, key, value, attention_mask, scale), None
