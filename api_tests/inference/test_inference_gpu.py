@@ -187,3 +187,28 @@ def test_cuda_fused_ops_match_transformers_ops(gpu_engine, tmp_path):
     assert max(diffs) <= 2 * noise + 1e-6
     assert max(rel(m, r) for m, r in zip(plain_mixed, plain_reversed)) <= 1e-3
     assert rel(fused_alone[0], plain_alone[0]) < rel(fused_alone[0], plain_alone[3])
+
+
+def test_cuda_opt_in_kernels_match_the_default_step(gpu_engine, tmp_path):
+    """The opt-in kernels (multi-LoRA as grouped shrink/expand, decode attention in one kernel)
+    against the fixture engine's default step: teacher-forced logits within twice the
+    fixture's own spread across batch shapes, each row still its own adapter's and independent
+    of its slot."""
+    cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
+    default_alone, default_mixed, _ = teacher_forced_rows(gpu_engine, "t1", cases)
+    settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
+                               max_batch_size=8, max_seq_len=256, nf4_kernels=False, lora_kernels=True,
+                               decode_attention_kernel=True)
+    opt_in = InferenceEngine(settings, gpu_engine.registry)
+    run(opt_in.start())
+    try:
+        assert opt_in._runner.ctx.kernels and opt_in._runner.decode_attention_kernel
+        alone, mixed, reversed_ = teacher_forced_rows(opt_in, "t1", cases)
+    finally:
+        run(opt_in.stop())
+    noise = max(rel(a, m) for a, m in zip(default_alone, default_mixed))
+    diffs = [rel(d, o) for d, o in zip(default_alone, alone)]
+    print("opt-in kernels vs default", [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
+    assert max(diffs) <= 2 * noise + 1e-6
+    assert max(rel(m, r) for m, r in zip(mixed, reversed_)) <= 1e-3
+    assert rel(alone[0], default_alone[0]) < rel(alone[0], default_alone[3])  # g1's row is g1's
