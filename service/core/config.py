@@ -90,9 +90,10 @@ class Settings(BaseSettings):
     # RMSNorm and the rotary embedding of GLM / Llama-family bases through our fused kernels
     # (service/inference/kernels/fused.py; CUDA only): one kernel each instead of ~8 and ~20.
     fused_ops: bool = True
-    # Opt-in: the decode step's attention over the slot KV cache as one Triton kernel per layer
-    # (service/inference/kernels/attention.py) instead of seven PyTorch launches (CUDA only).
-    # Interpreter-tested against float64; not yet measured on a GPU, hence off.
+    # Opt-in: a decode step's attention block in two Triton kernels per layer (CUDA only): the
+    # rotary of q and k with the KV-cache write (bit-identical to rotate + update), then the
+    # attention over the slot cache (service/inference/kernels/attention.py), instead of about
+    # eleven launches. Interpreter-tested; not yet measured on a GPU, hence off.
     decode_attention_kernel: bool = False
     torch_compile: bool = False
 

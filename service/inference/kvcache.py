@@ -84,6 +84,27 @@ class SlotKVCache:
             return k_cache[rows, :, : self.kv_len], v_cache[rows, :, : self.kv_len]
         return k_cache[:nb, :, : self.kv_len], v_cache[:nb, :, : self.kv_len]
 
+    def write_decode_rotated(self, layer_idx: int, query, key, value, cos, sin, interleaved: bool):
+        """In a decode step (one new token per row), the rotary of q and k and the write of k and
+        v into this cache as one kernel (`kernels.decoder.rotate_into_cache`); returns (rotated
+        q, keys, values) as `update` would after transformers' rotary, or None outside a decode
+        step or for shapes the kernel does not take (then the caller rotates and updates)."""
+        if self.mode != "decode" or key.shape[2] != 1:
+            return None
+        from service.inference.kernels.decoder import rotate_into_cache
+
+        nb = key.shape[0]
+        rows = self._rows[:nb] if self.decode_slots is None else self.decode_slots
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
+        try:
+            query = rotate_into_cache(query, key, value, cos, sin, interleaved, k_cache, v_cache, rows,
+                                      self.decode_pos)
+        except ValueError:
+            return None
+        if self.decode_slots is not None:
+            return query, k_cache[rows, :, : self.kv_len], v_cache[rows, :, : self.kv_len]
+        return query, k_cache[:nb, :, : self.kv_len], v_cache[:nb, :, : self.kv_len]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when no positions are given
         return 0
 

@@ -190,3 +190,47 @@ def test_runner_warms_up_each_module_and_each_attentions_qkv_group(monkeypatch):
     assert len(pairs) == layers
     attn = runner.model.model.layers[0].self_attn
     assert pairs[0][0][0] is attn.q_proj.lora_A and pairs[0][0][1] is attn.v_proj.lora_A
+
+
+@pytest.mark.parametrize("family", ["glm", "llama"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("explicit_slots", [False, True])
+def test_rotary_into_cache_equals_rotate_then_update_bit_for_bit(family, dtype, explicit_slots):
+    """The decode step's fused rotary + KV write (`SlotKVCache.write_decode_rotated`) leaves the
+    cache and returns q, K, V exactly as transformers' rotary then `update` do."""
+    from service.inference.kvcache import SlotKVCache
+
+    if family == "glm":
+        from transformers.models.glm.modeling_glm import GlmRotaryEmbedding as Rotary
+        cfg, interleaved = _glm_config(), True
+    else:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding as Rotary
+        cfg, interleaved = _llama_config(), False
+    g = torch.Generator().manual_seed(11)
+    rows, heads, kv_heads, dim, slots_n, max_len = 3, 4, 2, 16, 5, 24
+    q = torch.randn(rows, 1, heads, dim, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
+    k = torch.randn(rows, 1, kv_heads, dim, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
+    v = torch.randn(rows, 1, kv_heads, dim, generator=g).to(dtype).to(DEVICE).transpose(1, 2)
+    positions = torch.tensor([3, 0, 17], device=DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE) if explicit_slots else None
+    cos, sin = Rotary(cfg).to(DEVICE)(q, positions[:, None])
+
+    def cache():
+        c = SlotKVCache(num_layers=2, num_slots=slots_n, max_seq_len=max_len, num_kv_heads=kv_heads, head_dim=dim,
+                        dtype=dtype, device=torch.device(DEVICE))
+        for t in c.keys + c.values:  # stale contents must survive where nothing is written
+            t.copy_(torch.randn(t.shape, generator=g).to(dtype))
+        c.plan_decode(positions, kv_len=20, slots=slots)
+        return c
+
+    ref_cache, ours_cache = cache(), cache()
+    for a, b in zip(ref_cache.keys + ref_cache.values, ours_cache.keys + ours_cache.values):
+        b.copy_(a)
+    ref_q = rotate(q, cos, sin, interleaved)
+    ref_k, ref_v = ref_cache.update(rotate(k, cos, sin, interleaved), v, 1)
+    ours_q, ours_k, ours_v = ours_cache.write_decode_rotated(1, q, k, v, cos, sin, interleaved)
+    assert torch.equal(ours_q, ref_q) and torch.equal(ours_k, ref_k) and torch.equal(ours_v, ref_v)
+    for a, b in zip(ref_cache.keys + ref_cache.values, ours_cache.keys + ours_cache.values):
+        assert torch.equal(a, b)
+    ours_cache.plan_prefill(torch.tensor([0], device=DEVICE), positions[None, :1])
+    assert ours_cache.write_decode_rotated(1, q, k, v, cos, sin, interleaved) is None  # prefill: the caller's path

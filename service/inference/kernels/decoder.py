@@ -60,6 +60,33 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: b
     return out
 
 
+def rotate_into_cache(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One decode step's rotary and KV-cache write in one launch: q [B, Hq, 1, D] rotated into a
+    new tensor (returned, q's strides), k [B, Hk, 1, D] rotated into k_cache[slots[b], :,
+    positions[b]] and v copied into v_cache there (caches [slots, Hk, max_len, D]). The same
+    roundings as `rotate` followed by the cache's index write."""
+    b, hq, t, d = query.shape
+    hk = key.shape[1]
+    rot = cos.shape[-1]
+    if (t != 1 or key.shape[2] != 1 or cos.shape != sin.shape or rot > d or rot % 2 or cos.dim() != 3
+            or min(query.stride(-1), key.stride(-1), value.stride(-1), k_cache.stride(-1), v_cache.stride(-1)) != 1):
+        raise ValueError(f"unsupported decode rotary shapes: q {tuple(query.shape)}, cos {tuple(cos.shape)}")
+    cos, sin = cos.expand(b, 1, rot), sin.expand(b, 1, rot)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(query)
+    _fused._rotate_into_cache[(b, hq + hk)](
+        query, key, value, out, k_cache, v_cache, cos, sin, slots, positions, hq,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        out.stride(0), out.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0),
+        D=d, ROT=rot, INTERLEAVED=interleaved, HALF_POW2=triton.next_power_of_2(rot // 2),
+        PASS_POW2=triton.next_power_of_2(max(d - rot, 1)), D_POW2=triton.next_power_of_2(d), num_warps=1,
+        enable_fp_fusion=False)
+    return out
+
+
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
@@ -76,10 +103,17 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     query, key, value = (t.view(hidden_shape).transpose(1, 2) for t in
                          project_shared_input([self.q_proj, self.k_proj, self.v_proj], hidden_states))
     cos, sin = position_embeddings
-    query = rotate(query, cos, sin, self._tuneserve_interleaved)
-    key = rotate(key, cos, sin, self._tuneserve_interleaved)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    written = None
+    if getattr(self, "_tuneserve_decode_kernel", False) and hasattr(cache, "write_decode_rotated"):
+        # the engine's slot cache in a decode step: rotary and KV write in one launch
+        written = cache.write_decode_rotated(self.layer_idx, query, key, value, cos, sin, self._tuneserve_interleaved)
+    if written is not None:
+        query, key, value = written
+    else:
+        query = rotate(query, cos, sin, self._tuneserve_interleaved)
+        key = rotate(key, cos, sin, self._tuneserve_interleaved)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
     attention = ALL_ATTENTION_FUNCTIONS.get(self.config._attn_implementation)
     if attention is None:  # "eager": transformers' own function, not in its registry
         from transformers.models.llama.modeling_llama import eager_attention_forward as attention

@@ -44,9 +44,15 @@ def _rotate(x_ptr, y_ptr, cos_ptr, sin_ptr, H, T, sxb, sxh, sxt, syb, syh, syt, 
     h = tl.program_id(1)
     b = (bt // T).to(tl.int64)
     t = (bt % T).to(tl.int64)
-    x_row = x_ptr + b * sxb + h.to(tl.int64) * sxh + t * sxt
-    y_row = y_ptr + b * syb + h.to(tl.int64) * syh + t * syt
-    dtype = y_ptr.dtype.element_ty
+    _rotate_row(x_ptr + b * sxb + h.to(tl.int64) * sxh + t * sxt, y_ptr + b * syb + h.to(tl.int64) * syh + t * syt,
+                cos_ptr + b * scb + t * sct, sin_ptr + b * scb + t * sct, y_ptr.dtype.element_ty,
+                D, ROT, INTERLEAVED, HALF_POW2, PASS_POW2)
+
+
+@triton.jit
+def _rotate_row(x_row, y_row, cos_row, sin_row, dtype: tl.constexpr, D: tl.constexpr, ROT: tl.constexpr,
+                INTERLEAVED: tl.constexpr, HALF_POW2: tl.constexpr, PASS_POW2: tl.constexpr):
+    """y = x rotated by (cos, sin) over its first ROT values, the rest copied."""
     HALF: tl.constexpr = ROT // 2
     i = tl.arange(0, HALF_POW2)
     im = i < HALF
@@ -56,8 +62,8 @@ def _rotate(x_ptr, y_ptr, cos_ptr, sin_ptr, H, T, sxb, sxh, sxt, syb, syh, syt, 
     else:            # Llama: pair (i, i + ROT/2) turns by freqs[i] (cos = cat(freqs, freqs))
         first = i
         second = i + HALF
-    c = tl.load(cos_ptr + b * scb + t * sct + i, mask=im, other=0.0).to(tl.float32)
-    s = tl.load(sin_ptr + b * scb + t * sct + i, mask=im, other=0.0).to(tl.float32)
+    c = tl.load(cos_row + i, mask=im, other=0.0).to(tl.float32)
+    s = tl.load(sin_row + i, mask=im, other=0.0).to(tl.float32)
     x1 = tl.load(x_row + first, mask=im, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + second, mask=im, other=0.0).to(tl.float32)
     # transformers: x * cos + rotate_half(x) * sin, each product and the sum rounded
@@ -71,3 +77,32 @@ def _rotate(x_ptr, y_ptr, cos_ptr, sin_ptr, H, T, sxb, sxh, sxt, syb, syh, syt, 
         j = ROT + tl.arange(0, PASS_POW2)
         jm = j < D
         tl.store(y_row + j, tl.load(x_row + j, mask=jm, other=0.0), mask=jm)
+
+
+@triton.jit
+def _rotate_into_cache(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, slot_ptr, pos_ptr, HQ,
+                       sqb, sqh, skb, skh, svb, svh, sob, soh, scs, sch, sct, svs, svh2, svt, scb,
+                       D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, HALF_POW2: tl.constexpr,
+                       PASS_POW2: tl.constexpr, D_POW2: tl.constexpr):
+    """A decode step's rotary and KV-cache write in one launch: program (row, h) rotates query
+    head h (h < HQ) into the query output, or rotates key head h - HQ straight into the cache
+    at (the row's slot, head, the row's position) and copies the value head beside it."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    cos_row = cos_ptr + b * scb
+    sin_row = sin_ptr + b * scb
+    dtype = qo_ptr.dtype.element_ty
+    if h < HQ:
+        hq = h.to(tl.int64)
+        _rotate_row(q_ptr + b * sqb + hq * sqh, qo_ptr + b * sob + hq * soh, cos_row, sin_row, dtype,
+                    D, ROT, INTERLEAVED, HALF_POW2, PASS_POW2)
+    else:
+        hk = (h - HQ).to(tl.int64)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        _rotate_row(k_ptr + b * skb + hk * skh, kc_ptr + slot * scs + hk * sch + pos * sct, cos_row, sin_row,
+                    kc_ptr.dtype.element_ty, D, ROT, INTERLEAVED, HALF_POW2, PASS_POW2)
+        d = tl.arange(0, D_POW2)
+        dm = d < D
+        v = tl.load(v_ptr + b * svb + hk * svh + d, mask=dm, other=0.0)
+        tl.store(vc_ptr + slot * svs + hk * svh2 + pos * svt + d, v.to(vc_ptr.dtype.element_ty), mask=dm)
