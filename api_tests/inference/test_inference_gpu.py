@@ -202,7 +202,8 @@ def test_cuda_opt_in_kernels_match_the_default_step(gpu_engine, tmp_path):
     opt_in = InferenceEngine(settings, gpu_engine.registry)
     run(opt_in.start())
     try:
-        assert opt_in._runner.ctx.kernels and opt_in._runner.decode_attention_kernel
+        stats = opt_in.stats()
+        assert stats["lora_kernels"] and stats["decode_attention_kernel_layers"] == len(opt_in._runner.inner.layers)
         alone, mixed, reversed_ = teacher_forced_rows(opt_in, "t1", cases)
     finally:
         run(opt_in.stop())

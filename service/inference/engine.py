@@ -637,6 +637,8 @@ class InferenceEngine:
             out["cuda_graphs"] = runner.use_graphs and not runner._graph_failed
             out["captured_graphs"] = runner.graph_count
             out["fused_ops"] = dict(runner.fused_ops)
+            out["lora_kernels"] = bool(runner.ctx.kernels)
+            out["decode_attention_kernel_layers"] = int(runner.decode_attention_kernel or 0)
             out["memory"] = runner.memory()
         if self._cache is not None:
             out["adapters"] = self._cache.stats()
