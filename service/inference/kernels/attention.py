@@ -6,6 +6,10 @@ microseconds at decode sizes. Here one program per (row, KV head) attends its wh
 group (GQA: ChatGLM3's 16 query heads per KV head) with an online softmax over KV blocks,
 reading the cache views `SlotKVCache.update` returns in place (any strides).
 
+Not yet done: splitting a long cache across programs (flash-decoding). One program walks its
+whole KV range, so at few rows and long contexts only rows x KV heads programs run (2 for one
+ChatGLM3 row); the PyTorch path may be faster there (not measured yet).
+
 Numerics: scores and the softmax in float32 (the PyTorch path rounds the raw scores to the
 activations' dtype first), probabilities rounded to the value dtype for the tensor-core
 product, normalised once at the end in float32. So the result is not bit-identical to the
