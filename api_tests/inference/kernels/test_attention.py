@@ -49,11 +49,14 @@ CASES = [  # rows, heads, kv_heads, dim, kv_len, dtype
 ]
 
 
-@pytest.mark.parametrize("rows,heads,kv_heads,dim,kv_len,dtype", CASES)
-def test_decode_attention_is_faithful_to_softmax_attention(rows, heads, kv_heads, dim, kv_len, dtype):
+@pytest.mark.parametrize("splits", [None, 1, 3])
+@pytest.mark.parametrize("rows,heads,kv_heads,dim,kv_len,dtype", CASES + [(1, 32, 2, 128, 700, torch.bfloat16)])
+def test_decode_attention_is_faithful_to_softmax_attention(rows, heads, kv_heads, dim, kv_len, dtype, splits):
+    """Whole KV ranges per program (1), a range cut in pieces combined by the second kernel (3),
+    and the default cut (one long-context row: 6 pieces)."""
     q, k, v, mask = case(rows, heads, kv_heads, dim, kv_len, dtype, seed=rows * 13 + dim, max_seq=kv_len + 9)
     scale = dim ** -0.5
-    ours = decode_attention(q, k, v, mask, scale)
+    ours = decode_attention(q, k, v, mask, scale, splits=splits)
     ref, spread = exact(q, k, v, mask, scale)
     assert ours.shape == ref.shape and ours.dtype == dtype and not torch.isnan(ours).any()
     u = torch.finfo(dtype).eps / 2
@@ -68,6 +71,13 @@ def test_decode_attention_is_faithful_to_softmax_attention(rows, heads, kv_heads
     if dtype != torch.float32:
         theirs = slot_attention(object(), q, k, v, mask, scaling=scale)[0]
         assert err.norm() <= (theirs.double() - ref).abs().norm()
+
+
+def test_long_caches_are_cut_into_pieces_for_few_rows():
+    from service.inference.kernels.attention import pieces
+
+    assert pieces(1, 2, 2048) == 16 and pieces(1, 2, 100) == 1 and pieces(128, 2, 2048) == 2
+    assert pieces(64, 4, 4096) == 2 and pieces(132, 2, 4096) == 1
 
 
 def test_decode_attention_bound_has_teeth():
