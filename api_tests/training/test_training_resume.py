@@ -101,6 +101,26 @@ def test_half_written_checkpoint_is_ignored(tmp_path, models_cache):
     assert [c["step"] for c in list_checkpoints(tmp_path / "job")] == [1, 2]
 
 
+def test_next_attempt_removes_a_killed_attempts_half_written_checkpoint(tmp_path, models_cache):
+    """A worker SIGKILLed inside save_checkpoint leaves `.step-N.tmp-*`; the job's next attempt
+    removes it (nothing half-done left once the job ends) and keeps the complete ones."""
+    spec = SPEC.model_copy(update={"max_steps": 2, "checkpoint_steps": 1})
+    run_training(make_run(tmp_path, models_cache, spec, conversations(4)), RecordingProgress())
+    root = tmp_path / "job" / "checkpoints"
+    complete = [c["step"] for c in list_checkpoints(tmp_path / "job")]
+    assert complete
+    partial = root / ".step-3.tmp-k1ll3d"
+    partial.mkdir()
+    (partial / "optimizer.pt").write_bytes(b"half")
+    prog = RecordingProgress()
+    run_training(make_run(tmp_path, models_cache, spec, conversations(4)), prog)  # the same job, again
+    assert not partial.exists()
+    assert not list(root.glob(".*tmp*"))
+    assert [c["step"] for c in list_checkpoints(tmp_path / "job")] == complete  # the complete ones kept
+    assert any("half-written checkpoint .step-3.tmp-k1ll3d" in message for _, message, _ in prog.events)
+    assert any(f"resuming from checkpoint step {complete[-1]}" in message for _, message, _ in prog.events)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, models_cache):
     spec = SPEC.model_copy(update={"max_steps": 3, "checkpoint_steps": 1})
     train = conversations(4)

@@ -23,7 +23,7 @@ from service.core.atomic import atomic_dir
 from service.core.checkpoints import CHECKPOINTS, STATE, complete_checkpoints, complete_in, read_state
 
 __all__ = ["CHECKPOINTS", "STATE", "complete_checkpoints", "read_state", "save_checkpoint", "load_checkpoint",
-           "remove_checkpoints", "rng_state", "set_rng_state", "get_lora_keys"]
+           "remove_checkpoints", "remove_partial_checkpoints", "rng_state", "set_rng_state", "get_lora_keys"]
 
 KEEP_LAST = 3
 
@@ -90,6 +90,16 @@ def get_lora_keys(model) -> list[str]:
     from peft import get_peft_model_state_dict
 
     return list(get_peft_model_state_dict(model).keys())
+
+
+def remove_partial_checkpoints(work_dir: Path) -> list[Path]:
+    """Remove the `.step-N.tmp-*` dirs an attempt killed mid-write left (call only from the
+    job's current attempt: it owns the work dir). Returns what was removed."""
+    root = Path(work_dir) / CHECKPOINTS
+    partial = sorted(root.glob(".step-*.tmp-*")) if root.is_dir() else []
+    for d in partial:
+        shutil.rmtree(d, ignore_errors=True)
+    return partial
 
 
 def remove_checkpoints(work_dir: Path) -> None:

@@ -289,6 +289,10 @@ class LoRAFinetuneRecipe:
     def resume(self) -> None:
         self.resume_key = {"data": self.data_fp, "spec": _spec_key(self.spec), "base": self.fingerprint,
                            "world_size": self.dist.world}
+        if self.dist.main:  # an earlier attempt killed mid-write left a temp dir: it is dead now
+            for partial in ckpt.remove_partial_checkpoints(self.work_dir):
+                self.say(f"removed the half-written checkpoint {partial.name} of an earlier attempt", level="warn",
+                         data={"checkpoint": str(partial)})
         for cand in reversed(ckpt.complete_checkpoints(self.work_dir)):
             try:
                 saved = ckpt.read_state(cand)
