@@ -1,14 +1,17 @@
 """bench/training.py's MFU counts the frozen base's linear weights: the count must be the model's."""
 from __future__ import annotations
 
-import sys
+import importlib.util
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-import training  # noqa: E402
+# Loaded by path under its own name: putting bench/ on sys.path would shadow real top-level
+# modules with bench scripts (bench/kernels.py hid the `kernels` package transformers imports).
+_PATH = Path(__file__).resolve().parents[2] / "bench" / "training.py"
+_spec = importlib.util.spec_from_file_location("tuneserve_bench_training", _PATH)
+training = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(training)
 
 
 def test_frozen_linear_params_are_the_decoder_layers_linear_weights():
