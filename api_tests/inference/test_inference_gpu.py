@@ -162,6 +162,37 @@ def test_cuda_nf4_kernels_serve_the_base_and_match_bitsandbytes(gpu_engine, tmp_
 
 
 
+TF_CASES = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
+
+
+def compare_to_fixture(gpu_engine, tmp_path, check, **settings_kw):
+    """Teacher-forced rows of the fixture engine and of a second engine with `settings_kw`
+    (its stats passed to `check` once started): (fixture alone, fixture mixed, other alone,
+    other mixed, other mixed in reversed slots)."""
+    fixture_alone, fixture_mixed, _ = teacher_forced_rows(gpu_engine, "t1", TF_CASES)
+    settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
+                               max_batch_size=8, max_seq_len=256, nf4_kernels=False, **settings_kw)
+    other = InferenceEngine(settings, gpu_engine.registry)
+    run(other.start())
+    try:
+        check(other.stats(), other)
+        alone, mixed, reversed_ = teacher_forced_rows(other, "t1", TF_CASES)
+    finally:
+        run(other.stop())
+    return fixture_alone, fixture_mixed, alone, mixed, reversed_
+
+
+def assert_same_step(label, fixture_alone, fixture_mixed, alone, mixed, reversed_):
+    """Within twice the fixture's own spread across batch shapes, rows independent of their
+    slot, and each row its own adapter's (g1's row is nearer g1's than g2's)."""
+    noise = max(rel(a, m) for a, m in zip(fixture_alone, fixture_mixed))
+    diffs = [rel(f, o) for f, o in zip(fixture_alone, alone)]
+    print(label, [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
+    assert max(diffs) <= 2 * noise + 1e-6
+    assert max(rel(m, r) for m, r in zip(mixed, reversed_)) <= 1e-3
+    assert rel(fixture_alone[0], alone[0]) < rel(fixture_alone[0], alone[3])
+
+
 def test_cuda_fused_ops_match_transformers_ops(gpu_engine, tmp_path):
     """The fixture engine runs RMSNorm and rotary through our fused kernels (the default);
     an engine with `fused_ops=False` runs transformers' ops. Teacher-forced logits of the two
@@ -169,47 +200,18 @@ def test_cuda_fused_ops_match_transformers_ops(gpu_engine, tmp_path):
     order can move a rounding), rows independent of their slot."""
     assert gpu_engine.stats()["fused_ops"] == {"rms_norm": 2 * len(gpu_engine._runner.inner.layers) + 1,
                                                "attention": len(gpu_engine._runner.inner.layers)}
-    cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
-    fused_alone, fused_mixed, _ = teacher_forced_rows(gpu_engine, "t1", cases)
-    settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
-                               max_batch_size=8, max_seq_len=256, nf4_kernels=False, fused_ops=False)
-    plain = InferenceEngine(settings, gpu_engine.registry)
-    run(plain.start())
-    try:
-        assert plain.stats()["fused_ops"] == {}
-        plain_alone, plain_mixed, plain_reversed = teacher_forced_rows(plain, "t1", cases)
-    finally:
-        run(plain.stop())
 
-    noise = max(rel(a, m) for a, m in zip(fused_alone, fused_mixed))
-    diffs = [rel(f, p) for f, p in zip(fused_alone, plain_alone)]
-    print("fused vs transformers ops", [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
-    assert max(diffs) <= 2 * noise + 1e-6
-    assert max(rel(m, r) for m, r in zip(plain_mixed, plain_reversed)) <= 1e-3
-    assert rel(fused_alone[0], plain_alone[0]) < rel(fused_alone[0], plain_alone[3])
+    def unfused(stats, engine):
+        assert stats["fused_ops"] == {}
+
+    assert_same_step("fused vs transformers ops", *compare_to_fixture(gpu_engine, tmp_path, unfused, fused_ops=False))
 
 
 def test_cuda_opt_in_kernels_match_the_default_step(gpu_engine, tmp_path):
-    """The opt-in kernels (multi-LoRA as grouped shrink/expand, decode attention in one kernel)
-    against the fixture engine's default step: teacher-forced logits within twice the
-    fixture's own spread across batch shapes, each row still its own adapter's and independent
-    of its slot."""
-    cases = [(PROMPTS[0], "g1"), (PROMPTS[1], "g2"), (PROMPTS[2], None), (PROMPTS[0], "g2")]
-    default_alone, default_mixed, _ = teacher_forced_rows(gpu_engine, "t1", cases)
-    settings = engine_settings(tmp_path / "data", FIXTURE, device="cuda", load_in_4bit=True, cuda_graphs=True,
-                               max_batch_size=8, max_seq_len=256, nf4_kernels=False, lora_kernels=True,
-                               decode_attention_kernel=True)
-    opt_in = InferenceEngine(settings, gpu_engine.registry)
-    run(opt_in.start())
-    try:
-        stats = opt_in.stats()
-        assert stats["lora_kernels"] and stats["decode_attention_kernel_layers"] == len(opt_in._runner.inner.layers)
-        alone, mixed, reversed_ = teacher_forced_rows(opt_in, "t1", cases)
-    finally:
-        run(opt_in.stop())
-    noise = max(rel(a, m) for a, m in zip(default_alone, default_mixed))
-    diffs = [rel(d, o) for d, o in zip(default_alone, alone)]
-    print("opt-in kernels vs default", [round(x, 5) for x in diffs], "shape noise", round(noise, 5))
-    assert max(diffs) <= 2 * noise + 1e-6
-    assert max(rel(m, r) for m, r in zip(mixed, reversed_)) <= 1e-3
-    assert rel(alone[0], default_alone[0]) < rel(alone[0], default_alone[3])  # g1's row is g1's
+    """The opt-in kernels (multi-LoRA as grouped shrink/expand, the decode attention block in
+    two kernels) against the fixture engine's default step, by the same measure."""
+    def opt_ins_on(stats, engine):
+        assert stats["lora_kernels"] and stats["decode_attention_kernel_layers"] == len(engine._runner.inner.layers)
+
+    assert_same_step("opt-in kernels vs default", *compare_to_fixture(
+        gpu_engine, tmp_path, opt_ins_on, lora_kernels=True, decode_attention_kernel=True))

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from service.inference.kvcache import SlotKVCache
-from service.inference.lora import ColumnAllocator, LoRAContext, ParsedAdapter, find_target_modules, install
+from service.inference.lora import (ColumnAllocator, LoRAContext, MultiLoRALinear, ParsedAdapter, find_target_modules,
+                                    install)
 from service.inference.sampling import SamplingState
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,6 @@ class ModelRunner:
         """Compile the LoRA kernels' variants now (every wrapped module alone, and each attention's
         wrapped q/k/v together, as `project_shared_input` serves them), not at a first request."""
         from service.inference.kernels.lora_kernels import warm_up
-        from service.inference.lora import MultiLoRALinear
 
         served = [([m.lora_A], [m.lora_B]) for m in self.wrapped.values()]
         for module in self.model.modules():
